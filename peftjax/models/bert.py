@@ -1,0 +1,269 @@
+"""BERT and RoBERTa encoders (MiniLM checkpoints are BERT) with Hugging Face module names.
+
+Module paths match transformers (``encoder.layer.N.attention.self.query``,
+``attention.output.dense``, ``intermediate.dense``, ``output.dense``...) so PEFT's default
+targets for BERT (``query``, ``value``) select the same layers here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models import _layers as L
+from peftjax.models._config import HFConfig
+
+MODEL_TYPES = ("bert", "roberta")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    activation: str
+    norm_eps: float
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    classifier_dropout: float | None = None
+    pad_token_id: int = 0
+    num_labels: int = 2
+    initializer_range: float = 0.02
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def parse_config(data: dict, *, num_labels: int | None = None) -> EncoderConfig:
+    model_type = data["model_type"]
+    cfg = HFConfig(data, f"config.json (model_type={model_type!r})")
+    cfg.expect("position_embedding_type", "absolute", ("absolute",),
+               "Relative position embeddings are not implemented.")
+    cfg.expect("is_decoder", False, (False,), "Only the bidirectional encoder is implemented.")
+    cfg.expect("add_cross_attention", False, (False,))
+    return EncoderConfig(
+        model_type=model_type,
+        vocab_size=cfg.require("vocab_size"),
+        hidden_size=cfg.require("hidden_size"),
+        num_layers=cfg.require("num_hidden_layers"),
+        num_heads=cfg.require("num_attention_heads"),
+        intermediate_size=cfg.require("intermediate_size"),
+        max_position_embeddings=cfg.require("max_position_embeddings"),
+        type_vocab_size=cfg.get("type_vocab_size", 2),
+        activation=cfg.expect("hidden_act", "gelu", tuple(L.ACTIVATIONS)),
+        norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+        hidden_dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)),
+        classifier_dropout=cfg.get("classifier_dropout"),
+        pad_token_id=cfg.get("pad_token_id", 1 if model_type == "roberta" else 0),
+        num_labels=num_labels or len(cfg.get("id2label", {})) or 2,
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+        hf_config=cfg.finish(),
+    )
+
+
+def _kw(cfg, dtype, param_dtype, rngs):
+    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
+
+
+def _rng(rng, i):
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+class _Module(nnx.Module):
+    """An empty container, so that paths read like transformers' (``attention.output``...)."""
+
+
+def _dense_ln(cfg, in_features, *, dtype, param_dtype, rngs) -> _Module:
+    m = _Module()
+    m.dense = L.Linear(in_features, cfg.hidden_size, use_bias=True,
+                       axes=("mlp" if in_features != cfg.hidden_size else "heads", "embed"),
+                       **_kw(cfg, dtype, param_dtype, rngs))
+    m.LayerNorm = L.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    return m
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs):
+        kw = _kw(cfg, dtype, param_dtype, rngs)
+        self.word_embeddings = L.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
+        self.position_embeddings = L.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                           axes=("positions", "embed"), **kw)
+        self.token_type_embeddings = L.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                                             axes=("types", "embed"), **kw)
+        self.LayerNorm = L.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
+                                     param_dtype=param_dtype)
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs):
+        kw = _kw(cfg, dtype, param_dtype, rngs)
+        E = cfg.hidden_size
+        self.query = L.Linear(E, E, use_bias=True, axes=("embed", "heads"), **kw)
+        self.key = L.Linear(E, E, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.value = L.Linear(E, E, use_bias=True, axes=("embed", "kv_heads"), **kw)
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs):
+        self.cfg = cfg
+        self.attention = _Module()
+        self.attention.self = BertSelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention.output = _dense_ln(cfg, cfg.hidden_size, dtype=dtype,
+                                          param_dtype=param_dtype, rngs=rngs)
+        self.intermediate = _Module()
+        self.intermediate.dense = L.Linear(cfg.hidden_size, cfg.intermediate_size, use_bias=True,
+                                           axes=("embed", "mlp"), **_kw(cfg, dtype, param_dtype, rngs))
+        self.output = _dense_ln(cfg, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
+
+    def __call__(self, x_BTE, *, mask_BTS, extra=None, dropout_rng=None):
+        cfg = self.cfg
+        B, T, E = x_BTE.shape
+        H, D = cfg.num_heads, cfg.head_dim
+        sa = self.attention.self
+        q, k, v = (m(x_BTE).reshape(B, T, H, D) for m in (sa.query, sa.key, sa.value))
+        a = L.dot_product_attention(q, k, v, mask_BTS, scale=D ** -0.5, extra=extra,
+                                    dropout_rate=cfg.attention_dropout,
+                                    dropout_rng=_rng(dropout_rng, 0)).reshape(B, T, E)
+        ao = self.attention.output
+        x = ao.LayerNorm(L.dropout(ao.dense(a), cfg.hidden_dropout, _rng(dropout_rng, 1)) + x_BTE)
+        h = L.ACTIVATIONS[cfg.activation](self.intermediate.dense(x))
+        o = self.output
+        return o.LayerNorm(L.dropout(o.dense(h), cfg.hidden_dropout, _rng(dropout_rng, 2)) + x)
+
+
+class BertModel(nnx.Module):
+    """HF ``BertModel`` / ``RobertaModel``: embeddings, encoder, optional pooler (dense + tanh
+    on the first token). Returns ``hidden_states`` [B, T, E] and ``pooled`` [B, E]."""
+
+    new_head_params = ("pooler",)
+
+    def __init__(self, cfg: EncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs, add_pooling_layer: bool = True):
+        self.config, self.dtype = cfg, dtype
+        self.embeddings = BertEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = _Module()
+        self.encoder.layer = nnx.List([BertLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                       for _ in range(cfg.num_layers)])
+        pooler = None
+        if add_pooling_layer:
+            pooler = _Module()
+            pooler.dense = L.Linear(cfg.hidden_size, cfg.hidden_size, use_bias=True,
+                                    axes=("embed", "embed_out"), **_kw(cfg, dtype, param_dtype, rngs))
+        self.pooler = pooler
+
+    def default_positions(self, input_ids, B: int, T: int):
+        cfg = self.config
+        if cfg.model_type != "roberta":
+            return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        pad = cfg.pad_token_id
+        if input_ids is None:  # as transformers: sequential ids after the padding index
+            return jnp.broadcast_to(jnp.arange(pad + 1, pad + 1 + T, dtype=jnp.int32), (B, T))
+        real = (input_ids != pad).astype(jnp.int32)
+        return jnp.cumsum(real, axis=1) * real + pad
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+                 token_type_ids=None, extra_kv=None, dropout_rng=None, cache=None) -> L.ModelOutput:
+        """Encodes ``input_ids`` [B, T] (or ``inputs_embeds``); ``attention_mask`` [B, T] marks
+        real tokens. ``dropout_rng`` turns on the config's dropout (training)."""
+        if cache is not None:
+            raise ValueError("encoders take no KV cache")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cfg, emb = self.config, self.embeddings
+        x = emb.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        B, T, _ = x.shape
+        if positions is None:
+            positions = self.default_positions(input_ids, B, T)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((B, T), jnp.int32)
+        x = x + emb.token_type_embeddings(token_type_ids) + emb.position_embeddings(positions)
+        x = L.dropout(emb.LayerNorm(x), cfg.hidden_dropout, _rng(dropout_rng, -1))
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        mask = L.attention_mask(jnp.zeros((1, T), jnp.int32), attention_mask, causal=False,
+                                window=None)
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, mask_BTS=mask, extra=extra_kv[i] if extra_kv is not None else None,
+                      dropout_rng=_rng(dropout_rng, i))
+        pooled = jnp.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
+        return L.ModelOutput(hidden_states=x, pooled=pooled)
+
+
+class _BertTask(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs, add_pooling_layer: bool):
+        self.config, self.dtype = cfg, dtype
+        self.base_model_prefix = cfg.model_type
+        setattr(self, cfg.model_type, BertModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                                add_pooling_layer=add_pooling_layer))
+        rate = cfg.classifier_dropout
+        self.classifier_rate = cfg.hidden_dropout if rate is None else float(rate)
+
+    @property
+    def encoder_model(self) -> BertModel:
+        return getattr(self, self.base_model_prefix)
+
+
+class BertForSequenceClassification(_BertTask):
+    """BERT: pooler output -> dropout -> ``classifier``. RoBERTa: first token ->
+    ``classifier.dense`` + tanh -> ``classifier.out_proj`` (no pooler), as in transformers."""
+
+    new_head_params = ("classifier",)
+
+    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        roberta = cfg.model_type == "roberta"
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                         add_pooling_layer=not roberta)
+        kw = _kw(cfg, dtype, param_dtype, rngs)
+        E, N = cfg.hidden_size, cfg.num_labels
+        if roberta:
+            self.classifier = _Module()
+            self.classifier.dense = L.Linear(E, E, use_bias=True, axes=("embed", "embed_out"), **kw)
+            self.classifier.out_proj = L.Linear(E, N, use_bias=True, axes=("embed", "labels"), **kw)
+        else:
+            self.classifier = L.Linear(E, N, use_bias=True, axes=("embed", "labels"), **kw)
+
+    def __call__(self, input_ids=None, *, dropout_rng=None, **kw) -> L.ModelOutput:
+        out = self.encoder_model(input_ids, dropout_rng=dropout_rng, **kw)
+        r = self.classifier_rate
+        if isinstance(self.classifier, L.Linear):
+            logits = self.classifier(L.dropout(out.pooled, r, _rng(dropout_rng, -2)))
+        else:
+            h = L.dropout(out.hidden_states[:, 0], r, _rng(dropout_rng, -2))
+            h = jnp.tanh(self.classifier.dense(h))
+            logits = self.classifier.out_proj(L.dropout(h, r, _rng(dropout_rng, -3)))
+        return out.replace(logits=logits)
+
+
+class BertForTokenClassification(_BertTask):
+    new_head_params = ("classifier",)
+
+    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                         add_pooling_layer=False)
+        self.classifier = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=True,
+                                   axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
+
+    def __call__(self, input_ids=None, *, dropout_rng=None, **kw) -> L.ModelOutput:
+        out = self.encoder_model(input_ids, dropout_rng=dropout_rng, **kw)
+        h = L.dropout(out.hidden_states, self.classifier_rate, _rng(dropout_rng, -2))
+        return out.replace(logits=self.classifier(h))
+
+
+TASKS = {
+    "sequence_classification": BertForSequenceClassification,
+    "token_classification": BertForTokenClassification,
+    "features": BertModel,
+}

@@ -1,0 +1,259 @@
+"""GPT-2 with Hugging Face module names (``transformer.h.N.attn.c_attn``...).
+
+GPT-2's projections are ``Conv1D`` layers whose HF weights are stored [in, out]; ``c_attn``
+computes q, k and v in one matmul (PEFT targets it as one module with ``fan_in_fan_out``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models import _layers as L
+from peftjax.models._config import HFConfig
+from peftjax.models._decoder import default_positions
+
+MODEL_TYPES = ("gpt2",)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    model_type: str
+    vocab_size: int
+    n_positions: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    inner_size: int
+    activation: str
+    norm_eps: float
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    num_labels: int = 2
+    initializer_range: float = 0.02
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+
+def parse_config(data: dict, *, num_labels: int | None = None) -> GPT2Config:
+    cfg = HFConfig(data, "config.json (model_type='gpt2')")
+    E = cfg.require("n_embd")
+    cfg.expect("add_cross_attention", False, (False,), "Encoder-decoder GPT-2 is not implemented.")
+    for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+                "summary_first_dropout", "reorder_and_upcast_attn"):
+        cfg.get(key)  # double-heads summary settings and a numerics-only switch: not architectural
+    return GPT2Config(
+        model_type="gpt2",
+        vocab_size=cfg.require("vocab_size"),
+        n_positions=cfg.require("n_positions"),
+        hidden_size=E,
+        num_layers=cfg.require("n_layer"),
+        num_heads=cfg.require("n_head"),
+        inner_size=cfg.get("n_inner") or 4 * E,
+        activation=cfg.expect("activation_function", "gelu_new", tuple(L.ACTIVATIONS)),
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        scale_attn_weights=bool(cfg.get("scale_attn_weights", True)),
+        scale_attn_by_inverse_layer_idx=bool(cfg.get("scale_attn_by_inverse_layer_idx", False)),
+        embd_pdrop=float(cfg.get("embd_pdrop", 0.1)),
+        attn_pdrop=float(cfg.get("attn_pdrop", 0.1)),
+        resid_pdrop=float(cfg.get("resid_pdrop", 0.1)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        pad_token_id=cfg.get("pad_token_id"),
+        num_labels=num_labels or len(cfg.get("id2label", {})) or 2,
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+        hf_config=cfg.finish(),
+    )
+
+
+def _kw(cfg, dtype, param_dtype, rngs):
+    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
+
+
+def _rng(rng, i):
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, *, dtype, param_dtype, rngs):
+        self.cfg, self.layer_idx = cfg, layer_idx
+        E = cfg.hidden_size
+        kw = _kw(cfg, dtype, param_dtype, rngs)
+        self.c_attn = L.Conv1D(E, 3 * E, use_bias=True, axes=("embed", "qkv"), **kw)
+        self.c_proj = L.Conv1D(E, E, use_bias=True, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x_BTE, *, mask_BTS, cache_kv=None, cache_index=None, extra=None,
+                 dropout_rng=None):
+        cfg = self.cfg
+        B, T, E = x_BTE.shape
+        H, D = cfg.num_heads, cfg.head_dim
+        q, k, v = jnp.split(self.c_attn(x_BTE), 3, axis=-1)
+        q, k, v = (a.reshape(B, T, H, D) for a in (q, k, v))
+        new_cache = None
+        if cache_kv is not None:
+            k, v = new_cache = L.update_cache(*cache_kv, k, v, cache_index)
+        scale = (D ** -0.5 if cfg.scale_attn_weights else 1.0)
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        out = L.dot_product_attention(q, k, v, mask_BTS, scale=scale, extra=extra,
+                                      dropout_rate=cfg.attn_pdrop, dropout_rng=_rng(dropout_rng, 0))
+        out = self.c_proj(out.reshape(B, T, E))
+        return L.dropout(out, cfg.resid_pdrop, _rng(dropout_rng, 1)), new_cache
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs):
+        kw = _kw(cfg, dtype, param_dtype, rngs)
+        self.act, self.rate = cfg.activation, cfg.resid_pdrop
+        self.c_fc = L.Conv1D(cfg.hidden_size, cfg.inner_size, use_bias=True, axes=("embed", "mlp"), **kw)
+        self.c_proj = L.Conv1D(cfg.inner_size, cfg.hidden_size, use_bias=True, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x, dropout_rng=None):
+        return L.dropout(self.c_proj(L.ACTIVATIONS[self.act](self.c_fc(x))), self.rate, dropout_rng)
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, *, dtype, param_dtype, rngs):
+        ln = lambda: L.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,  # noqa: E731
+                                 param_dtype=param_dtype)
+        self.ln_1 = ln()
+        self.attn = GPT2Attention(cfg, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_2 = ln()
+        self.mlp = GPT2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, *, dropout_rng=None, **attn_kw):
+        h, new_cache = self.attn(self.ln_1(x), dropout_rng=_rng(dropout_rng, 0), **attn_kw)
+        x = x + h
+        return x + self.mlp(self.ln_2(x), _rng(dropout_rng, 1)), new_cache
+
+
+class GPT2Model(nnx.Module):
+    """HF ``GPT2Model``: token + learned position embeddings, pre-norm blocks, final LayerNorm."""
+
+    new_head_params = ()
+
+    def __init__(self, cfg: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config, self.dtype = cfg, dtype
+        kw = _kw(cfg, dtype, param_dtype, rngs)
+        self.wte = L.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
+        self.wpe = L.Embed(cfg.n_positions, cfg.hidden_size, axes=("positions", "embed"), **kw)
+        self.h = nnx.List([GPT2Block(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                           for i in range(cfg.num_layers)])
+        self.ln_f = L.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
+                                param_dtype=param_dtype)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+                 cache: L.KVCache | None = None, extra_kv=None, dropout_rng=None) -> L.ModelOutput:
+        """Same contract as :meth:`DecoderModel.__call__`; ``dropout_rng`` enables dropout."""
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        B, T, _ = x.shape
+        offset = cache.index if cache is not None else 0
+        S = cache.max_len if cache is not None else T
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, S), jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask, T, offset)
+        x = L.dropout(x + self.wpe(positions), cfg.embd_pdrop, _rng(dropout_rng, -1))
+        q_slots = (jnp.arange(T, dtype=jnp.int32) + offset)[None, :]
+        mask = L.attention_mask(q_slots, attention_mask, causal=True, window=None)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.h):
+            cache_kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, kv = block(x, mask_BTS=mask, cache_kv=cache_kv, cache_index=offset,
+                          extra=extra_kv[i] if extra_kv is not None else None,
+                          dropout_rng=_rng(dropout_rng, i))
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        new_cache = (L.KVCache(tuple(new_k), tuple(new_v), cache.index + T)
+                     if cache is not None else None)
+        return L.ModelOutput(hidden_states=self.ln_f(x), cache=new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> L.KVCache:
+        cfg = self.config
+        return L.KVCache.create(num_layers=cfg.num_layers, batch=batch, max_len=max_len,
+                                kv_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                                dtype=dtype or self.dtype)
+
+
+class _GPT2Task(nnx.Module):
+    base_model_prefix = "transformer"
+
+    def __init__(self, cfg: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        self.config, self.dtype = cfg, dtype
+        self.transformer = GPT2Model(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> L.KVCache:
+        return self.transformer.init_cache(batch, max_len, dtype)
+
+
+class GPT2LMHeadModel(_GPT2Task):
+    new_head_params = ()
+
+    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        L.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
+                                 axes=("embed", "vocab"), **_kw(cfg, dtype, param_dtype, rngs)))
+
+    def __call__(self, input_ids=None, *, last_logits_only: bool = False, **kw) -> L.ModelOutput:
+        out = self.transformer(input_ids, **kw)
+        h = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
+        return out.replace(logits=self.transformer.wte.attend(h) if self.lm_head is None
+                           else self.lm_head(h))
+
+
+class GPT2ForSequenceClassification(_GPT2Task):
+    new_head_params = ("score",)
+
+    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.score = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=False,
+                              axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
+
+    def __call__(self, input_ids=None, *, attention_mask=None, **kw) -> L.ModelOutput:
+        out = self.transformer(input_ids, attention_mask=attention_mask, **kw)
+        h = out.hidden_states
+        idx = L.last_token_index(attention_mask, h.shape[1], h.shape[0])
+        return out.replace(logits=self.score(h[jnp.arange(h.shape[0]), idx]))
+
+
+class GPT2ForTokenClassification(_GPT2Task):
+    new_head_params = ("classifier",)
+
+    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.classifier = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=True,
+                                   axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
+
+    def __call__(self, input_ids=None, *, dropout_rng=None, **kw) -> L.ModelOutput:
+        out = self.transformer(input_ids, dropout_rng=dropout_rng, **kw)
+        h = L.dropout(out.hidden_states, 0.1, _rng(dropout_rng, -2))
+        return out.replace(logits=self.classifier(h))
+
+
+TASKS = {
+    "causal_lm": GPT2LMHeadModel,
+    "sequence_classification": GPT2ForSequenceClassification,
+    "token_classification": GPT2ForTokenClassification,
+    "features": GPT2Model,
+}

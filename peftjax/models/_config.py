@@ -68,13 +68,25 @@ class HFConfig:
                 f"{', '.join(repr(a) for a in allowed)}.{(' ' + why) if why else ''}")
         return value
 
+    def num_labels(self, override: int | None) -> int:
+        """Classes of a classification head: the override, else ``id2label``, else 2."""
+        return override or len(self.get("id2label", {})) or 2
+
+    def classifier_dropout(self, hidden_key: str = "hidden_dropout") -> float:
+        """transformers' rule: ``classifier_dropout``, else the hidden dropout, else 0.1."""
+        for key in ("classifier_dropout", hidden_key):
+            if self.get(key) is not None:
+                return float(self.data[key])
+        return 0.1
+
     def unsupported(self, key: str, value: Any, supported: str) -> UnsupportedConfigError:
         return UnsupportedConfigError(f"{self.where}: {key}={value!r} is not supported; {supported}.")
 
     def finish(self) -> dict[str, Any]:
         """Warns about keys nobody read; returns the config dict (kept for saving)."""
         unknown = sorted(k for k in self.data
-                         if k not in self._read and k not in BOOKKEEPING and not k.startswith("_"))
+                         if k not in self._read and k not in BOOKKEEPING and not k.startswith("_")
+                         and not k.endswith(("_token_id", "_token_ids")))
         if unknown:
             warnings.warn(f"{self.where}: ignoring config keys this implementation does not read: "
                           f"{', '.join(unknown)}. If one changes the architecture, outputs will "

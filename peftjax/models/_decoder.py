@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import _layers as L
+from peftjax.models._config import HFConfig
+from peftjax.models._heads import CausalLM, SequenceClassifier, TokenClassifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,19 +46,35 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     num_labels: int = 2
+    classifier_dropout: float = 0.1
     initializer_range: float = 0.02
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
-def _kw(cfg: DecoderConfig, dtype, param_dtype, rngs):
-    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
+def common_fields(cfg: HFConfig, num_labels: int | None) -> dict:
+    """The DecoderConfig fields every decoder family reads the same way."""
+    E, H = cfg.require("hidden_size"), cfg.require("num_attention_heads")
+    return dict(
+        vocab_size=cfg.require("vocab_size"),
+        hidden_size=E,
+        intermediate_size=cfg.require("intermediate_size"),
+        num_layers=cfg.require("num_hidden_layers"),
+        num_heads=H,
+        num_kv_heads=cfg.get("num_key_value_heads", H),
+        head_dim=cfg.get("head_dim", E // H),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        pad_token_id=cfg.get("pad_token_id"),
+        num_labels=cfg.num_labels(num_labels),
+        classifier_dropout=cfg.classifier_dropout(),
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+    )
 
 
 class DecoderAttention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, layer_idx: int, *, dtype, param_dtype, rngs):
         self.cfg, self.layer_idx = cfg, layer_idx
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+        kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.q_proj = L.Linear(E, H * D, use_bias=cfg.qkv_bias, axes=("embed", "heads"), **kw)
         self.k_proj = L.Linear(E, K * D, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), **kw)
         self.v_proj = L.Linear(E, K * D, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), **kw)
@@ -90,7 +107,7 @@ class DecoderAttention(nnx.Module):
 class DecoderMLP(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs):
         E, F = cfg.hidden_size, cfg.intermediate_size
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+        kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.act = cfg.activation
         self.gate_proj = L.Linear(E, F, use_bias=cfg.mlp_bias, axes=("embed", "mlp"), **kw)
         self.up_proj = L.Linear(E, F, use_bias=cfg.mlp_bias, axes=("embed", "mlp"), **kw)
@@ -123,13 +140,6 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
 
-def default_positions(attention_mask_BS, T: int, offset) -> jax.Array:
-    """Position ids of the T current tokens: count of real tokens before each slot."""
-    pos_BS = jnp.cumsum(attention_mask_BS.astype(jnp.int32), axis=-1) - 1
-    pos_BT = jax.lax.dynamic_slice_in_dim(pos_BS, offset, T, axis=1)
-    return jnp.maximum(pos_BT, 0)
-
-
 class DecoderModel(nnx.Module):
     """The decoder stack (HF ``LlamaModel``/``GemmaModel``...): returns final hidden states."""
 
@@ -137,7 +147,7 @@ class DecoderModel(nnx.Module):
                  rngs: nnx.Rngs):
         self.config, self.dtype = cfg, dtype
         self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
-                                    **_kw(cfg, dtype, param_dtype, rngs))
+                                    **L.init_kw(cfg, dtype, param_dtype, rngs))
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for i in range(cfg.num_layers)])
         self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, offset=cfg.norm_offset,
@@ -154,39 +164,26 @@ class DecoderModel(nnx.Module):
         """
         del dropout_rng  # these families train without dropout (attention_dropout is 0)
         cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            x = self.embed_tokens(input_ids)
-            if cfg.embed_scale is not None:  # Gemma scales token embeddings, not inputs_embeds
-                x = x * jnp.asarray(cfg.embed_scale, x.dtype)
-        else:
-            x = inputs_embeds.astype(self.dtype)
+        x = L.embed_inputs(input_ids, inputs_embeds, self.embed_tokens, self.dtype)
+        if inputs_embeds is None and cfg.embed_scale is not None:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # Gemma: ids' embeddings only, as HF
         B, T, _ = x.shape
-        offset = cache.index if cache is not None else 0
-        S = cache.max_len if cache is not None else T
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, S), jnp.int32)
-        if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {(B, S)} "
-                             f"({'the cache length' if cache is not None else 'the input length'}).")
+        attention_mask, offset, q_slots = L.causal_slots(B, T, attention_mask, cache)
         if positions is None:
-            positions = default_positions(attention_mask, T, offset)
-        q_slots = (jnp.arange(T, dtype=jnp.int32) + offset)[None, :]
+            positions = L.default_positions(attention_mask, T, offset)
         masks = {w: L.attention_mask(q_slots, attention_mask, causal=True, window=w)
                  for w in set(cfg.layer_windows)}
-        new_k, new_v = [], []
+        kvs = []
         for i, layer in enumerate(self.layers):
-            cache_kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x, kv = layer(x, positions_BT=positions, mask_BTS=masks[cfg.layer_windows[i]],
-                          cache_kv=cache_kv, cache_index=offset,
-                          extra=extra_kv[i] if extra_kv is not None else None)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        new_cache = (L.KVCache(tuple(new_k), tuple(new_v), cache.index + T)
-                     if cache is not None else None)
-        return L.ModelOutput(hidden_states=self.norm(x), cache=new_cache)
+                          cache_kv=cache.layer(i) if cache is not None else None,
+                          cache_index=offset, extra=extra_kv[i] if extra_kv is not None else None)
+            kvs.append(kv)
+        return L.ModelOutput(hidden_states=self.norm(x), cache=L.next_cache(cache, kvs, T))
+
+    @property
+    def input_embeddings(self) -> L.Embed:
+        return self.embed_tokens
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> L.KVCache:
         cfg = self.config
@@ -195,67 +192,16 @@ class DecoderModel(nnx.Module):
                                 dtype=dtype or self.dtype)
 
 
-class _DecoderTask(nnx.Module):
-    base_model_prefix = "model"
-
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.config, self.dtype = cfg, dtype
-        self.model = DecoderModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> L.KVCache:
-        return self.model.init_cache(batch, max_len, dtype)
+class DecoderForCausalLM(CausalLM):
+    backbone_cls = DecoderModel
 
 
-class DecoderForCausalLM(_DecoderTask):
-    new_head_params = ()
-
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.lm_head = (None if cfg.tie_word_embeddings else
-                        L.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
-                                 axes=("embed", "vocab"), **_kw(cfg, dtype, param_dtype, rngs)))
-
-    def __call__(self, input_ids=None, *, last_logits_only: bool = False, **kw) -> L.ModelOutput:
-        """Logits [B, T, vocab]; ``last_logits_only`` computes them for the last slot only
-        (what generation needs: with left padding the last slot is every row's last token)."""
-        out = self.model(input_ids, **kw)
-        h = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
-        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        if self.config.final_softcap is not None:
-            cap = self.config.final_softcap
-            logits = jnp.tanh(logits / cap) * cap
-        return out.replace(logits=logits)
+class DecoderForSequenceClassification(SequenceClassifier):
+    backbone_cls = DecoderModel
 
 
-class DecoderForSequenceClassification(_DecoderTask):
-    """Classifies each sequence from its last real token (left or right padding)."""
-
-    new_head_params = ("score",)
-
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.score = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=False,
-                              axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
-
-    def __call__(self, input_ids=None, *, attention_mask=None, **kw) -> L.ModelOutput:
-        out = self.model(input_ids, attention_mask=attention_mask, **kw)
-        h = out.hidden_states
-        idx = L.last_token_index(attention_mask, h.shape[1], h.shape[0])
-        return out.replace(logits=self.score(h[jnp.arange(h.shape[0]), idx]))
-
-
-class DecoderForTokenClassification(_DecoderTask):
-    new_head_params = ("score",)
-
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.score = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=True,
-                              axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
-
-    def __call__(self, input_ids=None, **kw) -> L.ModelOutput:
-        out = self.model(input_ids, **kw)
-        return out.replace(logits=self.score(out.hidden_states))
+class DecoderForTokenClassification(TokenClassifier):
+    backbone_cls = DecoderModel
 
 
 TASKS = {

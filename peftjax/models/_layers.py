@@ -31,6 +31,16 @@ def param_value(p: nnx.Variable) -> Array:
     return p[...]
 
 
+def init_kw(cfg, dtype: DType, param_dtype: DType, rngs: nnx.Rngs) -> dict:
+    """Keyword arguments every parameterised layer of a model takes."""
+    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
+
+
+def fold(rng: Array | None, i: int) -> Array | None:
+    """A distinct dropout key per use site; None stays None (no dropout)."""
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with ``kernel`` of shape [in, out] (HF ``weight`` is [out, in])."""
 
@@ -161,8 +171,8 @@ def make_rope(head_dim: int, params: dict, where: str) -> Rope:
     theta = float(params["rope_theta"])
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedConfigError(f"{where}: partial_rotary_factor={params['partial_rotary_factor']} is not "
-                         "supported (only 1.0).")
+        raise UnsupportedConfigError(f"{where}: partial_rotary_factor="
+                                     f"{params['partial_rotary_factor']} is not supported (only 1.0).")
     # Same float32 arithmetic as the reference implementation, so angles agree to the last bit.
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
@@ -293,6 +303,44 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k[0].shape[1]
+
+    def layer(self, i: int) -> tuple[Array, Array]:
+        return self.k[i], self.v[i]
+
+
+def embed_inputs(input_ids, inputs_embeds, embed: Embed, dtype: DType) -> Array:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    return embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(dtype)
+
+
+def causal_slots(B: int, T: int, attention_mask, cache: KVCache | None):
+    """The preamble of a causal stack: ``(attention_mask [B, S], offset, q_slots [1, T])``.
+
+    S is T without a cache and the cache length with one; the current tokens occupy slots
+    ``offset .. offset + T - 1``. A missing mask means every slot holds a real token.
+    """
+    offset = cache.index if cache is not None else 0
+    S = cache.max_len if cache is not None else T
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, S), jnp.int32)
+    if attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {(B, S)} "
+                         f"({'the cache length' if cache is not None else 'the input length'}).")
+    return attention_mask, offset, (jnp.arange(T, dtype=jnp.int32) + offset)[None, :]
+
+
+def default_positions(attention_mask_BS: Array, T: int, offset) -> Array:
+    """Position ids of the T current tokens: the count of real tokens before each slot."""
+    pos_BS = jnp.cumsum(attention_mask_BS.astype(jnp.int32), axis=-1) - 1
+    return jnp.maximum(jax.lax.dynamic_slice_in_dim(pos_BS, offset, T, axis=1), 0)
+
+
+def next_cache(cache: KVCache | None, kvs: list, T: int) -> KVCache | None:
+    """The cache after T tokens, from each layer's updated (k, v)."""
+    if cache is None:
+        return None
+    return KVCache(tuple(k for k, _ in kvs), tuple(v for _, v in kvs), cache.index + T)
 
 
 def update_cache(cache_k: Array, cache_v: Array, k_BTKD: Array, v_BTKD: Array,

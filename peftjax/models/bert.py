@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
+from peftjax.models._heads import TaskModel, TokenClassifier
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -34,7 +34,7 @@ class EncoderConfig:
     norm_eps: float
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    classifier_dropout: float | None = None
+    classifier_dropout: float = 0.1
     pad_token_id: int = 0
     num_labels: int = 2
     initializer_range: float = 0.02
@@ -65,20 +65,12 @@ def parse_config(data: dict, *, num_labels: int | None = None) -> EncoderConfig:
         norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
         hidden_dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
         attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)),
-        classifier_dropout=cfg.get("classifier_dropout"),
+        classifier_dropout=cfg.classifier_dropout("hidden_dropout_prob"),
         pad_token_id=cfg.get("pad_token_id", 1 if model_type == "roberta" else 0),
-        num_labels=num_labels or len(cfg.get("id2label", {})) or 2,
+        num_labels=cfg.num_labels(num_labels),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         hf_config=cfg.finish(),
     )
-
-
-def _kw(cfg, dtype, param_dtype, rngs):
-    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
-
-
-def _rng(rng, i):
-    return None if rng is None else jax.random.fold_in(rng, i)
 
 
 class _Module(nnx.Module):
@@ -89,14 +81,14 @@ def _dense_ln(cfg, in_features, *, dtype, param_dtype, rngs) -> _Module:
     m = _Module()
     m.dense = L.Linear(in_features, cfg.hidden_size, use_bias=True,
                        axes=("mlp" if in_features != cfg.hidden_size else "heads", "embed"),
-                       **_kw(cfg, dtype, param_dtype, rngs))
+                       **L.init_kw(cfg, dtype, param_dtype, rngs))
     m.LayerNorm = L.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
     return m
 
 
 class BertEmbeddings(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs):
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+        kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.word_embeddings = L.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
         self.position_embeddings = L.Embed(cfg.max_position_embeddings, cfg.hidden_size,
                                            axes=("positions", "embed"), **kw)
@@ -108,7 +100,7 @@ class BertEmbeddings(nnx.Module):
 
 class BertSelfAttention(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs):
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+        kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         E = cfg.hidden_size
         self.query = L.Linear(E, E, use_bias=True, axes=("embed", "heads"), **kw)
         self.key = L.Linear(E, E, use_bias=True, axes=("embed", "kv_heads"), **kw)
@@ -124,7 +116,7 @@ class BertLayer(nnx.Module):
                                           param_dtype=param_dtype, rngs=rngs)
         self.intermediate = _Module()
         self.intermediate.dense = L.Linear(cfg.hidden_size, cfg.intermediate_size, use_bias=True,
-                                           axes=("embed", "mlp"), **_kw(cfg, dtype, param_dtype, rngs))
+                                           axes=("embed", "mlp"), **L.init_kw(cfg, dtype, param_dtype, rngs))
         self.output = _dense_ln(cfg, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
 
@@ -136,12 +128,12 @@ class BertLayer(nnx.Module):
         q, k, v = (m(x_BTE).reshape(B, T, H, D) for m in (sa.query, sa.key, sa.value))
         a = L.dot_product_attention(q, k, v, mask_BTS, scale=D ** -0.5, extra=extra,
                                     dropout_rate=cfg.attention_dropout,
-                                    dropout_rng=_rng(dropout_rng, 0)).reshape(B, T, E)
+                                    dropout_rng=L.fold(dropout_rng, 0)).reshape(B, T, E)
         ao = self.attention.output
-        x = ao.LayerNorm(L.dropout(ao.dense(a), cfg.hidden_dropout, _rng(dropout_rng, 1)) + x_BTE)
+        x = ao.LayerNorm(L.dropout(ao.dense(a), cfg.hidden_dropout, L.fold(dropout_rng, 1)) + x_BTE)
         h = L.ACTIVATIONS[cfg.activation](self.intermediate.dense(x))
         o = self.output
-        return o.LayerNorm(L.dropout(o.dense(h), cfg.hidden_dropout, _rng(dropout_rng, 2)) + x)
+        return o.LayerNorm(L.dropout(o.dense(h), cfg.hidden_dropout, L.fold(dropout_rng, 2)) + x)
 
 
 class BertModel(nnx.Module):
@@ -161,7 +153,7 @@ class BertModel(nnx.Module):
         if add_pooling_layer:
             pooler = _Module()
             pooler.dense = L.Linear(cfg.hidden_size, cfg.hidden_size, use_bias=True,
-                                    axes=("embed", "embed_out"), **_kw(cfg, dtype, param_dtype, rngs))
+                                    axes=("embed", "embed_out"), **L.init_kw(cfg, dtype, param_dtype, rngs))
         self.pooler = pooler
 
     def default_positions(self, input_ids, B: int, T: int):
@@ -180,86 +172,81 @@ class BertModel(nnx.Module):
         real tokens. ``dropout_rng`` turns on the config's dropout (training)."""
         if cache is not None:
             raise ValueError("encoders take no KV cache")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cfg, emb = self.config, self.embeddings
-        x = emb.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        x = L.embed_inputs(input_ids, inputs_embeds, emb.word_embeddings, self.dtype)
         B, T, _ = x.shape
         if positions is None:
             positions = self.default_positions(input_ids, B, T)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((B, T), jnp.int32)
         x = x + emb.token_type_embeddings(token_type_ids) + emb.position_embeddings(positions)
-        x = L.dropout(emb.LayerNorm(x), cfg.hidden_dropout, _rng(dropout_rng, -1))
+        x = L.dropout(emb.LayerNorm(x), cfg.hidden_dropout, L.fold(dropout_rng, -1))
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         mask = L.attention_mask(jnp.zeros((1, T), jnp.int32), attention_mask, causal=False,
                                 window=None)
         for i, layer in enumerate(self.encoder.layer):
             x = layer(x, mask_BTS=mask, extra=extra_kv[i] if extra_kv is not None else None,
-                      dropout_rng=_rng(dropout_rng, i))
+                      dropout_rng=L.fold(dropout_rng, i))
         pooled = jnp.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
         return L.ModelOutput(hidden_states=x, pooled=pooled)
 
-
-class _BertTask(nnx.Module):
-    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs, add_pooling_layer: bool):
-        self.config, self.dtype = cfg, dtype
-        self.base_model_prefix = cfg.model_type
-        setattr(self, cfg.model_type, BertModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                                add_pooling_layer=add_pooling_layer))
-        rate = cfg.classifier_dropout
-        self.classifier_rate = cfg.hidden_dropout if rate is None else float(rate)
-
     @property
-    def encoder_model(self) -> BertModel:
-        return getattr(self, self.base_model_prefix)
+    def input_embeddings(self) -> L.Embed:
+        return self.embeddings.word_embeddings
 
 
-class BertForSequenceClassification(_BertTask):
+class _EncoderTask(TaskModel):
+    """BERT checkpoints keep the encoder under ``bert``, RoBERTa under ``roberta``."""
+
+    base_model_prefix = "bert"
+    backbone_cls = BertModel
+
+    @classmethod
+    def prefix_for(cls, cfg) -> str:
+        return cfg.model_type
+
+    def backbone_kwargs(self, cfg) -> dict:
+        return {"add_pooling_layer": self.uses_pooler(cfg)}
+
+    def uses_pooler(self, cfg) -> bool:
+        return False
+
+
+class BertForSequenceClassification(_EncoderTask):
     """BERT: pooler output -> dropout -> ``classifier``. RoBERTa: first token ->
     ``classifier.dense`` + tanh -> ``classifier.out_proj`` (no pooler), as in transformers."""
 
     new_head_params = ("classifier",)
 
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        roberta = cfg.model_type == "roberta"
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                         add_pooling_layer=not roberta)
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+    def uses_pooler(self, cfg) -> bool:
+        return cfg.model_type != "roberta"
+
+    def init_head(self, cfg, kw):
         E, N = cfg.hidden_size, cfg.num_labels
-        if roberta:
-            self.classifier = _Module()
-            self.classifier.dense = L.Linear(E, E, use_bias=True, axes=("embed", "embed_out"), **kw)
-            self.classifier.out_proj = L.Linear(E, N, use_bias=True, axes=("embed", "labels"), **kw)
+        if cfg.model_type == "roberta":
+            head = _Module()
+            head.dense = L.Linear(E, E, use_bias=True, axes=("embed", "embed_out"), **kw)
+            head.out_proj = L.Linear(E, N, use_bias=True, axes=("embed", "labels"), **kw)
+            self.classifier = head
         else:
             self.classifier = L.Linear(E, N, use_bias=True, axes=("embed", "labels"), **kw)
 
     def __call__(self, input_ids=None, *, dropout_rng=None, **kw) -> L.ModelOutput:
-        out = self.encoder_model(input_ids, dropout_rng=dropout_rng, **kw)
-        r = self.classifier_rate
+        out = self.backbone(input_ids, dropout_rng=dropout_rng, **kw)
+        r = self.config.classifier_dropout
         if isinstance(self.classifier, L.Linear):
-            logits = self.classifier(L.dropout(out.pooled, r, _rng(dropout_rng, -2)))
+            logits = self.classifier(L.dropout(out.pooled, r, L.fold(dropout_rng, -2)))
         else:
-            h = L.dropout(out.hidden_states[:, 0], r, _rng(dropout_rng, -2))
+            h = L.dropout(out.hidden_states[:, 0], r, L.fold(dropout_rng, -2))
             h = jnp.tanh(self.classifier.dense(h))
-            logits = self.classifier.out_proj(L.dropout(h, r, _rng(dropout_rng, -3)))
+            logits = self.classifier.out_proj(L.dropout(h, r, L.fold(dropout_rng, -3)))
         return out.replace(logits=logits)
 
 
-class BertForTokenClassification(_BertTask):
+class BertForTokenClassification(_EncoderTask, TokenClassifier):
+    head_name = "classifier"
     new_head_params = ("classifier",)
-
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                         add_pooling_layer=False)
-        self.classifier = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=True,
-                                   axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
-
-    def __call__(self, input_ids=None, *, dropout_rng=None, **kw) -> L.ModelOutput:
-        out = self.encoder_model(input_ids, dropout_rng=dropout_rng, **kw)
-        h = L.dropout(out.hidden_states, self.classifier_rate, _rng(dropout_rng, -2))
-        return out.replace(logits=self.classifier(h))
 
 
 TASKS = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig, UnsupportedConfigError, rope_parameters
-from peftjax.models._decoder import TASKS, DecoderConfig
+from peftjax.models._decoder import TASKS, DecoderConfig, common_fields
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -52,9 +52,8 @@ def _ropes(cfg: HFConfig, model_type: str, D: int, types: list[str]) -> tuple[L.
 def parse_config(data: dict, *, num_labels: int | None = None) -> DecoderConfig:
     model_type = data["model_type"]
     cfg = HFConfig(data, f"config.json (model_type={model_type!r})")
-    n = cfg.require("num_hidden_layers")
-    E, H = cfg.require("hidden_size"), cfg.require("num_attention_heads")
-    D = cfg.get("head_dim", E // H)
+    common = common_fields(cfg, num_labels)
+    n, E, D = common["num_layers"], common["hidden_size"], common["head_dim"]
     # Gemma 1 configs say hidden_act="gelu" but the released weights use the tanh approximation
     # (transformers rewrites it the same way).
     act = cfg.get("hidden_activation") or cfg.get("hidden_act", "gelu_pytorch_tanh")
@@ -69,14 +68,7 @@ def parse_config(data: dict, *, num_labels: int | None = None) -> DecoderConfig:
     gemma1 = model_type == "gemma"
     return DecoderConfig(
         model_type=model_type,
-        vocab_size=cfg.require("vocab_size"),
-        hidden_size=E,
-        intermediate_size=cfg.require("intermediate_size"),
-        num_layers=n,
-        num_heads=H,
-        num_kv_heads=cfg.get("num_key_value_heads", H),
-        head_dim=D,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **common,
         activation=act,
         qkv_bias=bool(cfg.get("attention_bias", False)),
         o_bias=bool(cfg.get("attention_bias", False)),
@@ -90,9 +82,6 @@ def parse_config(data: dict, *, num_labels: int | None = None) -> DecoderConfig:
         layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
         layer_ropes=_ropes(cfg, model_type, D, types),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        pad_token_id=cfg.get("pad_token_id"),
-        num_labels=num_labels or len(cfg.get("id2label", {})) or 2,
-        initializer_range=float(cfg.get("initializer_range", 0.02)),
         hf_config=cfg.finish(),
     )
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
-from peftjax.models._decoder import default_positions
+from peftjax.models._heads import CausalLM, SequenceClassifier, TokenClassifier
 
 MODEL_TYPES = ("gpt2",)
 
@@ -39,6 +38,7 @@ class GPT2Config:
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     num_labels: int = 2
+    classifier_dropout: float = 0.1
     initializer_range: float = 0.02
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -75,25 +75,18 @@ def parse_config(data: dict, *, num_labels: int | None = None) -> GPT2Config:
         resid_pdrop=float(cfg.get("resid_pdrop", 0.1)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         pad_token_id=cfg.get("pad_token_id"),
-        num_labels=num_labels or len(cfg.get("id2label", {})) or 2,
+        num_labels=cfg.num_labels(num_labels),
+        classifier_dropout=cfg.classifier_dropout(),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         hf_config=cfg.finish(),
     )
-
-
-def _kw(cfg, dtype, param_dtype, rngs):
-    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
-
-
-def _rng(rng, i):
-    return None if rng is None else jax.random.fold_in(rng, i)
 
 
 class GPT2Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, layer_idx: int, *, dtype, param_dtype, rngs):
         self.cfg, self.layer_idx = cfg, layer_idx
         E = cfg.hidden_size
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+        kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.c_attn = L.Conv1D(E, 3 * E, use_bias=True, axes=("embed", "qkv"), **kw)
         self.c_proj = L.Conv1D(E, E, use_bias=True, axes=("heads", "embed"), **kw)
 
@@ -111,14 +104,14 @@ class GPT2Attention(nnx.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
         out = L.dot_product_attention(q, k, v, mask_BTS, scale=scale, extra=extra,
-                                      dropout_rate=cfg.attn_pdrop, dropout_rng=_rng(dropout_rng, 0))
+                                      dropout_rate=cfg.attn_pdrop, dropout_rng=L.fold(dropout_rng, 0))
         out = self.c_proj(out.reshape(B, T, E))
-        return L.dropout(out, cfg.resid_pdrop, _rng(dropout_rng, 1)), new_cache
+        return L.dropout(out, cfg.resid_pdrop, L.fold(dropout_rng, 1)), new_cache
 
 
 class GPT2MLP(nnx.Module):
     def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs):
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+        kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.act, self.rate = cfg.activation, cfg.resid_pdrop
         self.c_fc = L.Conv1D(cfg.hidden_size, cfg.inner_size, use_bias=True, axes=("embed", "mlp"), **kw)
         self.c_proj = L.Conv1D(cfg.inner_size, cfg.hidden_size, use_bias=True, axes=("mlp", "embed"), **kw)
@@ -137,9 +130,9 @@ class GPT2Block(nnx.Module):
         self.mlp = GPT2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, *, dropout_rng=None, **attn_kw):
-        h, new_cache = self.attn(self.ln_1(x), dropout_rng=_rng(dropout_rng, 0), **attn_kw)
+        h, new_cache = self.attn(self.ln_1(x), dropout_rng=L.fold(dropout_rng, 0), **attn_kw)
         x = x + h
-        return x + self.mlp(self.ln_2(x), _rng(dropout_rng, 1)), new_cache
+        return x + self.mlp(self.ln_2(x), L.fold(dropout_rng, 1)), new_cache
 
 
 class GPT2Model(nnx.Module):
@@ -150,7 +143,7 @@ class GPT2Model(nnx.Module):
     def __init__(self, cfg: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.config, self.dtype = cfg, dtype
-        kw = _kw(cfg, dtype, param_dtype, rngs)
+        kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.wte = L.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
         self.wpe = L.Embed(cfg.n_positions, cfg.hidden_size, axes=("positions", "embed"), **kw)
         self.h = nnx.List([GPT2Block(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -162,31 +155,24 @@ class GPT2Model(nnx.Module):
                  cache: L.KVCache | None = None, extra_kv=None, dropout_rng=None) -> L.ModelOutput:
         """Same contract as :meth:`DecoderModel.__call__`; ``dropout_rng`` enables dropout."""
         cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        x = L.embed_inputs(input_ids, inputs_embeds, self.wte, self.dtype)
         B, T, _ = x.shape
-        offset = cache.index if cache is not None else 0
-        S = cache.max_len if cache is not None else T
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, S), jnp.int32)
+        attention_mask, offset, q_slots = L.causal_slots(B, T, attention_mask, cache)
         if positions is None:
-            positions = default_positions(attention_mask, T, offset)
-        x = L.dropout(x + self.wpe(positions), cfg.embd_pdrop, _rng(dropout_rng, -1))
-        q_slots = (jnp.arange(T, dtype=jnp.int32) + offset)[None, :]
+            positions = L.default_positions(attention_mask, T, offset)
+        x = L.dropout(x + self.wpe(positions), cfg.embd_pdrop, L.fold(dropout_rng, -1))
         mask = L.attention_mask(q_slots, attention_mask, causal=True, window=None)
-        new_k, new_v = [], []
+        kvs = []
         for i, block in enumerate(self.h):
-            cache_kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, kv = block(x, mask_BTS=mask, cache_kv=cache_kv, cache_index=offset,
-                          extra=extra_kv[i] if extra_kv is not None else None,
-                          dropout_rng=_rng(dropout_rng, i))
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        new_cache = (L.KVCache(tuple(new_k), tuple(new_v), cache.index + T)
-                     if cache is not None else None)
-        return L.ModelOutput(hidden_states=self.ln_f(x), cache=new_cache)
+            x, kv = block(x, mask_BTS=mask, cache_kv=cache.layer(i) if cache is not None else None,
+                          cache_index=offset, extra=extra_kv[i] if extra_kv is not None else None,
+                          dropout_rng=L.fold(dropout_rng, i))
+            kvs.append(kv)
+        return L.ModelOutput(hidden_states=self.ln_f(x), cache=L.next_cache(cache, kvs, T))
+
+    @property
+    def input_embeddings(self) -> L.Embed:
+        return self.wte
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> L.KVCache:
         cfg = self.config
@@ -195,60 +181,21 @@ class GPT2Model(nnx.Module):
                                 dtype=dtype or self.dtype)
 
 
-class _GPT2Task(nnx.Module):
+class GPT2LMHeadModel(CausalLM):
     base_model_prefix = "transformer"
-
-    def __init__(self, cfg: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        self.config, self.dtype = cfg, dtype
-        self.transformer = GPT2Model(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> L.KVCache:
-        return self.transformer.init_cache(batch, max_len, dtype)
+    backbone_cls = GPT2Model
 
 
-class GPT2LMHeadModel(_GPT2Task):
-    new_head_params = ()
-
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.lm_head = (None if cfg.tie_word_embeddings else
-                        L.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
-                                 axes=("embed", "vocab"), **_kw(cfg, dtype, param_dtype, rngs)))
-
-    def __call__(self, input_ids=None, *, last_logits_only: bool = False, **kw) -> L.ModelOutput:
-        out = self.transformer(input_ids, **kw)
-        h = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
-        return out.replace(logits=self.transformer.wte.attend(h) if self.lm_head is None
-                           else self.lm_head(h))
+class GPT2ForSequenceClassification(SequenceClassifier):
+    base_model_prefix = "transformer"
+    backbone_cls = GPT2Model
 
 
-class GPT2ForSequenceClassification(_GPT2Task):
-    new_head_params = ("score",)
-
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.score = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=False,
-                              axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
-
-    def __call__(self, input_ids=None, *, attention_mask=None, **kw) -> L.ModelOutput:
-        out = self.transformer(input_ids, attention_mask=attention_mask, **kw)
-        h = out.hidden_states
-        idx = L.last_token_index(attention_mask, h.shape[1], h.shape[0])
-        return out.replace(logits=self.score(h[jnp.arange(h.shape[0]), idx]))
-
-
-class GPT2ForTokenClassification(_GPT2Task):
+class GPT2ForTokenClassification(TokenClassifier):
+    base_model_prefix = "transformer"
+    backbone_cls = GPT2Model
+    head_name = "classifier"
     new_head_params = ("classifier",)
-
-    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.classifier = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=True,
-                                   axes=("embed", "labels"), **_kw(cfg, dtype, param_dtype, rngs))
-
-    def __call__(self, input_ids=None, *, dropout_rng=None, **kw) -> L.ModelOutput:
-        out = self.transformer(input_ids, dropout_rng=dropout_rng, **kw)
-        h = L.dropout(out.hidden_states, 0.1, _rng(dropout_rng, -2))
-        return out.replace(logits=self.classifier(h))
 
 
 TASKS = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig, rope_parameters
-from peftjax.models._decoder import TASKS, DecoderConfig
+from peftjax.models._decoder import TASKS, DecoderConfig, common_fields
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -34,29 +34,18 @@ def _layer_windows(cfg: HFConfig, model_type: str, n: int) -> tuple[int | None, 
 def parse_config(data: dict, *, num_labels: int | None = None) -> DecoderConfig:
     model_type = data["model_type"]
     cfg = HFConfig(data, f"config.json (model_type={model_type!r})")
-    n = cfg.require("num_hidden_layers")
-    E, H = cfg.require("hidden_size"), cfg.require("num_attention_heads")
-    D = cfg.get("head_dim", E // H)
+    common = common_fields(cfg, num_labels)
+    n, D = common["num_layers"], common["head_dim"]
     act = cfg.expect("hidden_act", "silu", tuple(L.ACTIVATIONS))
     if model_type == "llama":
         cfg.expect("pretraining_tp", 1, (1,), "Checkpoints are stored unsplit; set it to 1.")
-    bias = cfg.get("attention_bias", model_type == "qwen2")
-    if model_type == "qwen2":
-        cfg.get("attention_bias")
-        qkv_bias, o_bias = True, False  # Qwen2 always has q/k/v biases and no o_proj bias
-    else:
-        qkv_bias = o_bias = bool(bias)
+    bias = bool(cfg.get("attention_bias", False))
+    # Qwen2 always has q/k/v biases and never an o_proj bias, whatever attention_bias says.
+    qkv_bias, o_bias = (True, False) if model_type == "qwen2" else (bias, bias)
     rope = L.make_rope(D, rope_parameters(cfg), cfg.where)
     return DecoderConfig(
         model_type=model_type,
-        vocab_size=cfg.require("vocab_size"),
-        hidden_size=E,
-        intermediate_size=cfg.require("intermediate_size"),
-        num_layers=n,
-        num_heads=H,
-        num_kv_heads=cfg.get("num_key_value_heads", H),
-        head_dim=D,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **common,
         activation=act,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
@@ -66,9 +55,6 @@ def parse_config(data: dict, *, num_labels: int | None = None) -> DecoderConfig:
         layer_windows=_layer_windows(cfg, model_type, n),
         layer_ropes=(rope,) * n,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        pad_token_id=cfg.get("pad_token_id"),
-        num_labels=num_labels or len(cfg.get("id2label", {})) or 2,
-        initializer_range=float(cfg.get("initializer_range", 0.02)),
         hf_config=cfg.finish(),
     )
 

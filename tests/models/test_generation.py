@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from flax import nnx
 
 import peftjax
 from peftjax.models import ExtraKV, from_pretrained
@@ -23,7 +22,7 @@ def test_greedy_generation_equals_transformers(tiny_dir, arch):
     hf = T.AutoModelForCausalLM.from_pretrained(path).eval()
     model = from_pretrained(path, progress=False)
     prompts = [[5, 17, 42, 99, 7, 3, 120, 66, 12], [8, 150, 33, 4]]  # different lengths
-    n_new, eos = 16, 11
+    n_new = 16
     ids, mask = batch(lengths=[len(p) for p in prompts], left=True)
     for i, p in enumerate(prompts):
         ids[i, ids.shape[1] - len(p):] = p

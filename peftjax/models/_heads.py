@@ -1,0 +1,101 @@
+"""Task models: a backbone under its Hugging Face attribute name plus a task head.
+
+Every family's ``...ForCausalLM`` / ``...ForSequenceClassification`` /
+``...ForTokenClassification`` is one of these with ``backbone_cls`` and, where HF names
+differ, ``base_model_prefix`` / ``head_name`` set. A backbone provides ``input_embeddings``
+(the token embedding table, also the tied output head) and ``init_cache``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models import _layers as L
+
+
+class TaskModel(nnx.Module):
+    base_model_prefix = "model"
+    backbone_cls: type = None  # type: ignore[assignment]
+    new_head_params: tuple[str, ...] = ()  # heads initialised fresh when a checkpoint lacks them
+
+    def __init__(self, cfg, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config, self.dtype = cfg, dtype
+        prefix = self.prefix_for(cfg)
+        if prefix != type(self).base_model_prefix:
+            self.base_model_prefix = prefix
+        setattr(self, prefix, self.backbone_cls(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                rngs=rngs, **self.backbone_kwargs(cfg)))
+        self.init_head(cfg, L.init_kw(cfg, dtype, param_dtype, rngs))
+
+    @classmethod
+    def prefix_for(cls, cfg) -> str:
+        return cls.base_model_prefix
+
+    def backbone_kwargs(self, cfg) -> dict:
+        return {}
+
+    def init_head(self, cfg, kw: dict) -> None:
+        raise NotImplementedError
+
+    @property
+    def backbone(self):
+        return getattr(self, self.base_model_prefix)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> L.KVCache:
+        return self.backbone.init_cache(batch, max_len, dtype)
+
+
+class CausalLM(TaskModel):
+    """Next-token logits; ``lm_head`` is absent when tied to the input embeddings."""
+
+    def init_head(self, cfg, kw):
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        L.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
+                                 axes=("embed", "vocab"), **kw))
+
+    def __call__(self, input_ids=None, *, last_logits_only: bool = False, **kw) -> L.ModelOutput:
+        """Logits [B, T, vocab]; ``last_logits_only`` computes them for the last slot only
+        (what generation needs: with left padding the last slot is every row's last token)."""
+        out = self.backbone(input_ids, **kw)
+        h = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
+        logits = (self.backbone.input_embeddings.attend(h) if self.lm_head is None
+                  else self.lm_head(h))
+        cap = getattr(self.config, "final_softcap", None)
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return out.replace(logits=logits)
+
+
+class SequenceClassifier(TaskModel):
+    """Classifies each sequence from its last real token (left or right padding), as
+    transformers' decoder classifiers do (they locate it through ``pad_token_id``; here the
+    attention mask says which tokens are real)."""
+
+    new_head_params = ("score",)
+
+    def init_head(self, cfg, kw):
+        self.score = L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=False,
+                              axes=("embed", "labels"), **kw)
+
+    def __call__(self, input_ids=None, *, attention_mask=None, **kw) -> L.ModelOutput:
+        out = self.backbone(input_ids, attention_mask=attention_mask, **kw)
+        h = out.hidden_states
+        idx = L.last_token_index(attention_mask, h.shape[1], h.shape[0])
+        return out.replace(logits=self.score(h[jnp.arange(h.shape[0]), idx]))
+
+
+class TokenClassifier(TaskModel):
+    """Per-token logits [B, T, num_labels] through dropout and a linear ``head_name``."""
+
+    head_name = "score"
+    new_head_params = ("score",)
+
+    def init_head(self, cfg, kw):
+        setattr(self, self.head_name, L.Linear(cfg.hidden_size, cfg.num_labels, use_bias=True,
+                                               axes=("embed", "labels"), **kw))
+
+    def __call__(self, input_ids=None, *, dropout_rng=None, **kw) -> L.ModelOutput:
+        out = self.backbone(input_ids, dropout_rng=dropout_rng, **kw)
+        h = L.dropout(out.hidden_states, self.config.classifier_dropout, L.fold(dropout_rng, -2))
+        return out.replace(logits=getattr(self, self.head_name)(h))

@@ -37,8 +37,11 @@ def init_kw(cfg, dtype: DType, param_dtype: DType, rngs: nnx.Rngs) -> dict:
 
 
 def fold(rng: Array | None, i: int) -> Array | None:
-    """A distinct dropout key per use site; None stays None (no dropout)."""
-    return None if rng is None else jax.random.fold_in(rng, i)
+    """A distinct dropout key per use site; None stays None (no dropout).
+
+    Layers use their index as site; embeddings and heads use negative sites (-1, -2, ...),
+    mapped to the top of the uint32 range so they never collide with a layer index."""
+    return None if rng is None else jax.random.fold_in(rng, i % 2**32)
 
 
 class Linear(nnx.Module):

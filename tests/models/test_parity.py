@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -87,15 +88,31 @@ def test_bf16_compute_close_to_f32_and_no_worse_than_transformers(tiny_dir, arch
     pick = (lambda o: o.last_hidden_state) if task == "features" else (lambda o: o.logits)
     ref = pick(hf_forward(arch, hf32, ids, mask)).numpy()
     hf_err = np.abs(pick(hf_forward(arch, hf16, ids, mask)).float().numpy() - ref)[real].max()
-    model = from_pretrained(path, task=task, dtype="bfloat16", progress=False)
-    out = forward(model, ids, mask)
-    got = np.asarray((out.hidden_states if task == "features" else out.logits).astype("float32"))
-    err = np.abs(got - ref)[real].max()
     span = np.abs(ref[real]).max()
-    print(f"{arch}: bf16 max|diff| peftjax={err:.3e} transformers={hf_err:.3e} range={span:.2f}")
-    assert str(model.dtype) == "bfloat16"
-    assert err <= 2 * hf_err + 0.02
-    assert err <= 0.05 * span
+    for param_dtype in ("bfloat16", "float32"):  # bf16 storage, and f32 storage + bf16 compute
+        model = from_pretrained(path, task=task, dtype="bfloat16", param_dtype=param_dtype,
+                                progress=False)
+        out = forward(model, ids, mask)
+        got = (out.hidden_states if task == "features" else out.logits).astype("float32")
+        err = np.abs(np.asarray(got) - ref)[real].max()
+        print(f"{arch}: bf16 compute, {param_dtype} params: max|diff| peftjax={err:.3e} "
+              f"transformers(bf16)={hf_err:.3e} range={span:.2f}")
+        assert str(model.dtype) == "bfloat16"
+        assert err <= 2 * hf_err + 0.02
+        assert err <= 0.05 * span
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_dropout_rng_turns_on_dropout(tiny_dir, arch):
+    task = "sequence_classification"
+    model = from_pretrained(tiny_dir(arch, task), task=task, progress=False)
+    ids, mask = batch(lengths=(10, 6))
+    run = nnx.jit(lambda m, key: m(ids, attention_mask=mask, dropout_rng=key).logits)
+    plain = np.asarray(forward(model, ids, mask).logits)
+    a, b = np.asarray(run(model, jax.random.key(0))), np.asarray(run(model, jax.random.key(0)))
+    c = np.asarray(run(model, jax.random.key(1)))
+    np.testing.assert_array_equal(a, b)  # same key, same mask
+    assert np.abs(a - plain).max() > 1e-3 and np.abs(a - c).max() > 1e-3
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt2", "bert", "roberta"])

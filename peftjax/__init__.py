@@ -3,7 +3,9 @@
 from peftjax import models
 from peftjax.generation import Generation, generate
 from peftjax.tokenizer import load_tokenizer
+from peftjax.tuners import LoraConfig, PeftModel, count_parameters, get_peft_model
 
 __version__ = "0.1.0"
 
-__all__ = ["Generation", "generate", "load_tokenizer", "models", "__version__"]
+__all__ = ["Generation", "LoraConfig", "PeftModel", "count_parameters", "generate",
+           "get_peft_model", "load_tokenizer", "models", "__version__"]

@@ -48,6 +48,7 @@ def architecture_name(model_type: str, task: str) -> str:
 
 
 def task_of(model: nnx.Module) -> str:
+    model = getattr(model, "base_model", model)  # a PeftModel answers for the model it wraps
     family = FAMILIES[model.config.model_type]
     return next(t for t, cls in family.TASKS.items() if type(model) is cls)
 

@@ -1,0 +1,136 @@
+"""``get_peft_model`` and ``PeftModel``: a model with adapters, as in Hugging Face PEFT."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from flax import nnx
+
+from peftjax.tuners._lora import LoraConfig, LoraParam, is_lora_layer, lora_class
+from peftjax.tuners._targets import find_targets, get_submodule, named_modules, set_submodule
+
+# PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_LORA_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+}
+
+
+class PeftModel(nnx.Module):
+    """The adapted model (``base_model``) and its config. Calling it calls the model.
+
+    The base model is modified in place by :func:`get_peft_model`, as PEFT does.
+    """
+
+    def __init__(self, base_model: nnx.Module, peft_config: LoraConfig):
+        self.base_model = base_model
+        self.peft_config = peft_config
+
+    def __call__(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        return self.base_model.init_cache(batch, max_len, dtype)
+
+    def lora_layers(self):
+        return [(n, m) for n, m in named_modules(self.base_model) if is_lora_layer(m)]
+
+    def merge_adapter(self) -> None:
+        """Adds each adapter into its base weight (outputs unchanged; inference is faster)."""
+        for _, layer in self.lora_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nnx.Module:
+        """Merges the adapters and returns the plain base model (no LoRA layers left)."""
+        for name, layer in self.lora_layers():
+            layer.merge()
+            set_submodule(self.base_model, name, layer.unloaded())
+        return self.base_model
+
+    def trainable_mask(self) -> nnx.State:
+        """Pytree of bools over the model's state: True where a leaf trains.
+
+        LoRA factors always; every parameter of a ``modules_to_save`` module; biases as
+        ``bias`` says (``all``: every bias; ``lora_only``: biases of adapted layers).
+        """
+        cfg = self.peft_config
+        save = cfg.modules_to_save or ()
+        lora_names = {n for n, _ in self.lora_layers()}
+
+        def trains(path, var) -> bool:
+            if isinstance(var, LoraParam):
+                return True
+            if not isinstance(var, nnx.Param):
+                return False
+            name = ".".join(map(str, path[:-1]))
+            if any(name == m or name.endswith("." + m) or ("." + m + ".") in ("." + name + ".")
+                   for m in save):
+                return True
+            if path[-1] == "bias":
+                return cfg.bias == "all" or (cfg.bias == "lora_only" and name in lora_names)
+            return False
+
+        flat = nnx.to_flat_state(nnx.state(self.base_model))
+        return nnx.from_flat_state([(p, trains(p, v)) for p, v in flat])
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = count_parameters(self)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+
+def count_parameters(model: nnx.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; for a plain model nothing is trainable."""
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, LoraParam))))
+    total = sum(int(np.prod(v[...].shape)) for _, v in flat)
+    if not isinstance(model, PeftModel):
+        return 0, total
+    mask = dict(nnx.to_flat_state(model.trainable_mask()))
+    trainable = sum(int(np.prod(v[...].shape)) for p, v in flat if mask[p[1:]])
+    return trainable, total
+
+
+def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> PeftModel:
+    """Injects LoRA into ``model`` (in place) and returns it wrapped in a :class:`PeftModel`.
+
+    Right after injection the outputs equal the base model's (B starts at zero, unless
+    ``init_lora_weights=False``). Raises ``ValueError`` when the targets match nothing, listing
+    the layer names that exist.
+
+    Example::
+
+        model = from_pretrained(path)
+        peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+                              rngs=nnx.Rngs(0))
+        peft.print_trainable_parameters()
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already has adapters; call get_peft_model on a plain model")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"expected a LoraConfig, got {type(config).__name__}")
+    if config.target_modules is None:
+        model_type = model.config.model_type
+        if model_type not in DEFAULT_LORA_TARGETS:
+            raise ValueError(f"no default target_modules for model_type={model_type!r}; pass "
+                             "target_modules explicitly.")
+        config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
+    for name in find_targets(model, config):
+        layer = get_submodule(model, name)
+        r, alpha = config.rank_alpha(name)
+        new = lora_class(type(layer))(layer, r=r, scaling=config.scaling(r, alpha),
+                                      dropout=config.lora_dropout,
+                                      init=config.init_lora_weights, rngs=rngs)
+        set_submodule(model, name, new)
+    return PeftModel(model, config)
+

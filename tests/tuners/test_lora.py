@@ -1,0 +1,230 @@
+"""LoRA against PyTorch PEFT: which modules are adapted with which r/scaling, the trainable
+counts, the forward pass with non-zero adapters, merging; plus identity at init and errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from flax import nnx
+
+from peftjax import LoraConfig, count_parameters, get_peft_model
+from peftjax.models import from_pretrained
+from peftjax.tuners import LoraParam, is_lora_layer
+from peftjax.tuners._targets import get_submodule
+from tests.conftest import batch, hf_class, hf_positions
+
+
+def _inputs(arch):
+    ids, mask = batch(lengths=(10, 6))
+    return ids, mask
+
+
+def _ours_logits(model, arch, ids, mask):
+    out = nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, jnp.asarray(ids), jnp.asarray(mask))
+    return np.asarray(out.hidden_states if arch in ("bert",) else out.logits)
+
+
+def _hf_logits(model, arch, ids, mask):
+    kw = {} if arch == "bert" else {"position_ids": torch.tensor(hf_positions(mask))}
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
+    return (out.last_hidden_state if arch == "bert" else out.logits).numpy()
+
+
+def _task(arch):
+    return "features" if arch == "bert" else "causal_lm"
+
+
+def _torch_peft(path, arch, cfg: dict, seed=0):
+    hf = hf_class(arch, _task(arch)).from_pretrained(path).eval()
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(**cfg))
+    return pm.eval()
+
+
+def _copy_from_torch(pm, ours):
+    """Copies PEFT's lora_A/lora_B into our layers (transposed to our [in, r] / [r, out])."""
+    n = 0
+    for name, mod in pm.base_model.model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            layer = get_submodule(ours.base_model, name)
+            layer.lora_A[...] = jnp.asarray(mod.lora_A["default"].weight.detach().numpy().T)
+            layer.lora_B[...] = jnp.asarray(mod.lora_B["default"].weight.detach().numpy().T)
+            n += 1
+    return n
+
+
+def _torch_lora_layers(pm):
+    return {name: (mod.r["default"], mod.scaling["default"])
+            for name, mod in pm.base_model.model.named_modules()
+            if hasattr(mod, "r") and isinstance(mod.r, dict) and "default" in mod.r}
+
+
+CONFIGS = {
+    "default_targets": dict(r=4, lora_alpha=8),
+    "list": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"]),
+    "regex": dict(r=2, lora_alpha=4, target_modules=r".*\.(1|2)\.self_attn\.(q|o)_proj"),
+    "all_linear_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+    "layers_patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                            layers_to_transform=[0, 2], layers_pattern="layers",
+                            rank_pattern={"v_proj": 2, r"layers\.2\.self_attn\.q_proj": 6},
+                            alpha_pattern={"up_proj": 3.0}),
+    "exclude": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                    exclude_modules=["model.layers.1.self_attn.v_proj"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_same_layers_rank_scaling_counts_and_outputs_as_peft(tiny_dir, name):
+    arch = "llama"
+    path = tiny_dir(arch)
+    cfg = CONFIGS[name]
+    pm = _torch_peft(path, arch, {**cfg, "init_lora_weights": False})
+    ours = get_peft_model(from_pretrained(path, progress=False), LoraConfig(**cfg),
+                          rngs=nnx.Rngs(0))
+    theirs = _torch_lora_layers(pm)
+    mine = {n: (m.r, m.scaling) for n, m in ours.lora_layers()}
+    assert sorted(mine) == sorted(theirs)
+    for n in mine:
+        assert mine[n][0] == theirs[n][0] and mine[n][1] == pytest.approx(theirs[n][1], rel=1e-12)
+    trainable, total = count_parameters(ours)
+    assert (trainable, total) == pm.get_nb_trainable_parameters()
+    # non-zero adapters (PEFT's random A and B) give the same logits
+    assert _copy_from_torch(pm, ours) == len(mine)
+    ids, mask = _inputs(arch)
+    got, want = _ours_logits(ours, arch, ids, mask), _hf_logits(pm, arch, ids, mask)
+    base = _hf_logits(hf_class(arch, "causal_lm").from_pretrained(path).eval(), arch, ids, mask)
+    real = mask.astype(bool)
+    assert np.abs(want - base)[real].max() > 1e-2  # the adapter really changes the output
+    assert np.abs(got - want)[real].max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "gemma2", "qwen2"])
+def test_default_targets_and_outputs_other_architectures(tiny_dir, arch):
+    path = tiny_dir(arch, _task(arch))
+    pm = _torch_peft(path, arch, dict(r=4, lora_alpha=8, init_lora_weights=False,
+                                      **({"fan_in_fan_out": True} if arch == "gpt2" else {})))
+    ours = get_peft_model(from_pretrained(path, task=_task(arch), progress=False),
+                          LoraConfig(r=4, lora_alpha=8), rngs=nnx.Rngs(0))
+    assert sorted(n for n, _ in ours.lora_layers()) == sorted(_torch_lora_layers(pm))
+    assert count_parameters(ours) == pm.get_nb_trainable_parameters()
+    _copy_from_torch(pm, ours)
+    ids, mask = _inputs(arch)
+    real = mask.astype(bool)
+    diff = np.abs(_ours_logits(ours, arch, ids, mask) - _hf_logits(pm, arch, ids, mask))[real]
+    assert diff.max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_identity_right_after_injection(tiny_dir, arch):
+    path = tiny_dir(arch, _task(arch))
+    base = from_pretrained(path, task=_task(arch), progress=False)
+    ids, mask = _inputs(arch)
+    before = _ours_logits(base, arch, ids, mask)
+    for init in (True, "gaussian"):
+        model = get_peft_model(from_pretrained(path, task=_task(arch), progress=False),
+                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init,
+                                          lora_dropout=0.1), rngs=nnx.Rngs(1))
+        layer = model.lora_layers()[0][1]
+        a = np.asarray(layer.lora_A[...])
+        assert np.abs(a).max() > 0 and not np.asarray(layer.lora_B[...]).any()
+        if init is True:  # kaiming-uniform(a=sqrt(5)) on [r, in] has bound 1/sqrt(in)
+            assert np.abs(a).max() <= 1 / np.sqrt(layer.in_features)
+        np.testing.assert_array_equal(_ours_logits(model, arch, ids, mask), before)
+
+
+def test_merge_unmerge_and_merge_and_unload_match_peft(tiny_dir):
+    path = tiny_dir("llama")
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
+               use_rslora=True)
+    pm = _torch_peft(path, "llama", {**cfg, "init_lora_weights": False})
+    ours = get_peft_model(from_pretrained(path, progress=False), LoraConfig(**cfg),
+                          rngs=nnx.Rngs(0))
+    _copy_from_torch(pm, ours)
+    ids, mask = _inputs("llama")
+    real = mask.astype(bool)
+    # Merging changes the rounding path (one GEMM instead of two). PEFT's own merge moves
+    # the logits by ~7e-6 on this adapter (init_lora_weights=False: B ~ U(+-0.5), far larger
+    # than trained adapters); XLA:CPU's f32 GEMM rounds about 2x torch's (see
+    # tests/models/test_real_models.py), so outputs may move by max(1e-5, 2x PEFT's own).
+    before = _hf_logits(pm, "llama", ids, mask)
+    pm.merge_adapter()
+    peft_gap = np.abs(_hf_logits(pm, "llama", ids, mask) - before)[real].max()
+    pm.unmerge_adapter()
+    tol = max(1e-5, 2 * peft_gap)
+    unmerged = _ours_logits(ours, "llama", ids, mask)
+    kernel0 = np.asarray(ours.base_model.model.layers[0].self_attn.q_proj.kernel[...]).copy()
+    ours.merge_adapter()
+    gap = np.abs(_ours_logits(ours, "llama", ids, mask) - unmerged)[real].max()
+    print(f"merged vs unmerged: peftjax {gap:.2e}, PEFT {peft_gap:.2e}")
+    assert gap <= tol
+    ours.unmerge_adapter()
+    restored = np.asarray(ours.base_model.model.layers[0].self_attn.q_proj.kernel[...])
+    assert np.abs(restored - kernel0).max() <= 1e-6
+    merged_torch = pm.merge_and_unload()
+    plain = ours.merge_and_unload()
+    assert not any(is_lora_layer(m) for _, m in nnx.iter_graph(plain))
+    assert not list(nnx.to_flat_state(nnx.state(plain, LoraParam)))
+    assert np.abs(_ours_logits(plain, "llama", ids, mask) - unmerged)[real].max() <= tol
+    sd = merged_torch.state_dict()
+    for i, layer in enumerate(plain.model.layers):
+        for proj in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj"):
+            mine = np.asarray(get_submodule(layer, proj).kernel[...]).T
+            theirs = sd[f"model.layers.{i}.{proj}.weight"].numpy()
+            assert np.abs(mine - theirs).max() <= 1e-5
+
+
+def test_lora_dropout_only_in_train_mode(tiny_dir):
+    model = get_peft_model(from_pretrained(tiny_dir("llama"), progress=False),
+                           LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False),
+                           rngs=nnx.Rngs(0))
+    ids, mask = _inputs("llama")
+    a = _ours_logits(model, "llama", ids, mask)
+    np.testing.assert_array_equal(a, _ours_logits(model, "llama", ids, mask))
+    model.train()
+    b = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    assert np.abs(a - b).max() > 1e-3
+    model.eval()
+    np.testing.assert_array_equal(a, _ours_logits(model, "llama", ids, mask))
+
+
+def test_trainable_mask_modules_to_save_and_bias(tiny_dir):
+    path = tiny_dir("qwen2", "sequence_classification")
+    model = get_peft_model(
+        from_pretrained(path, task="sequence_classification", progress=False),
+        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["score"], bias="lora_only"),
+        rngs=nnx.Rngs(0))
+    mask = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(model.trainable_mask())}
+    on = sorted(k for k, v in mask.items() if v)
+    assert "score.kernel" in on
+    assert "model.layers.0.self_attn.q_proj.bias" in on          # bias of an adapted layer
+    assert "model.layers.0.self_attn.k_proj.bias" not in on      # not adapted
+    assert all(k.endswith(("lora_A", "lora_B", "bias")) or k == "score.kernel" for k in on)
+    n_lora = sum(1 for k in on if k.endswith(("lora_A", "lora_B")))
+    assert n_lora == 2 * 3  # q_proj in 3 layers
+
+
+def test_bad_configs_are_explained(tiny_dir):
+    with pytest.raises(ValueError, match=r"r=0 must be a positive integer"):
+        LoraConfig(r=0)
+    with pytest.raises(ValueError, match=r"bias='some' must be one of"):
+        LoraConfig(bias="some")
+    with pytest.raises(ValueError, match=r"lora_dropout=1.5 must be in \[0, 1\)"):
+        LoraConfig(lora_dropout=1.5)
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa'.*not implemented"):
+        LoraConfig(init_lora_weights="pissa")
+    model = from_pretrained(tiny_dir("llama"), progress=False)
+    with pytest.raises(ValueError, match=r"target_modules=\('query',\).*matches no linear layer.*"
+                       r"\['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', "
+                       r"'up_proj', 'v_proj'\]"):
+        get_peft_model(model, LoraConfig(target_modules=["query"]), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]),
+                       rngs=nnx.Rngs(0))

@@ -84,6 +84,18 @@ class PeftModel(nnx.Module):
         flat = nnx.to_flat_state(nnx.state(self.base_model))
         return nnx.from_flat_state([(p, trains(p, v)) for p, v in flat])
 
+    def save_pretrained(self, directory: str) -> None:
+        """Writes the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors),
+        which PyTorch ``PeftModel.from_pretrained`` loads."""
+        from peftjax.checkpoint import save_adapter
+        save_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, base: nnx.Module, directory: str) -> PeftModel:
+        """Loads a PEFT-format LoRA adapter (written by peftjax or PyTorch PEFT) onto ``base``."""
+        from peftjax.checkpoint import load_adapter
+        return load_adapter(base, directory)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = count_parameters(self)
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "

@@ -37,29 +37,33 @@ _HARMLESS = {"inference_mode", "revision", "auto_mapping", "peft_version", "loft
              "velora_config", "runtime_config"}
 
 
-def _hf_key(key: str) -> str:
-    """PEFT adapter key -> the base model's HF key (``base_layer`` is PEFT's wrapper level)."""
-    return key[len(PREFIX):].replace(".base_layer.", ".")
-
-
-def adapter_tensors(model: PeftModel) -> dict[str, np.ndarray]:
-    """The trainable state of ``model`` under PEFT's key names."""
-    lora = {n: m for n, m in model.lora_layers()}
+def _entries(model: PeftModel) -> dict[str, tuple[nnx.Variable, bool]]:
+    """PEFT key -> (variable, transposed) for everything an adapter file holds: the LoRA
+    factors and the trainable parameters (modules_to_save, biases). One mapping serves
+    saving, checking and loading."""
+    lora = dict(model.lora_layers())
     out = {}
     for name, m in lora.items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(m.lora_A[...]).T
-        out[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(m.lora_B[...]).T
+        out[f"{PREFIX}{name}.lora_A.weight"] = (m.lora_A, True)
+        out[f"{PREFIX}{name}.lora_B.weight"] = (m.lora_B, True)
     mask = dict(nnx.to_flat_state(model.trainable_mask()))
     state = dict(nnx.to_flat_state(nnx.state(model.base_model)))
     for key, (path, transposed) in hf_param_paths(model.base_model).items():
-        if not mask.get(path, False):
-            continue
-        a = np.asarray(state[path][...])
-        owner = key.rsplit(".", 1)[0]
-        if owner in lora and key.endswith(".bias"):
-            key = f"{owner}.base_layer.bias"
-        out[PREFIX + key] = a.T if transposed else a
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+        if mask.get(path, False):
+            owner = key.rsplit(".", 1)[0]
+            if owner in lora and key.endswith(".bias"):
+                key = f"{owner}.base_layer.bias"  # PEFT's wrapper level
+            out[PREFIX + key] = (state[path], transposed)
+    return out
+
+
+def adapter_tensors(model: PeftModel) -> dict[str, np.ndarray]:
+    """The trainable state of ``model`` under PEFT's key names and layouts."""
+    tensors = {}
+    for key, (var, transposed) in _entries(model).items():
+        a = np.asarray(var[...])
+        tensors[key] = np.ascontiguousarray(a.T if transposed else a)
+    return tensors
 
 
 def save_adapter(model: PeftModel, directory: str) -> None:
@@ -118,42 +122,33 @@ def load_adapter(base: nnx.Module, directory: str) -> PeftModel:
                               "re-save it with safe_serialization=True).")
     stored = SafetensorsFile(weights_path)
     model = get_peft_model(base, config, rngs=nnx.Rngs(0))
-    expected = adapter_tensors(model)  # names and shapes of everything the adapter should hold
-    stored_keys = {k.replace(".default.", ".") for k in stored}  # very old PEFT kept the name
-    missing = sorted(set(expected) - stored_keys)
-    unexpected = sorted(stored_keys - set(expected))
+    try:
+        _fill(model, stored, weights_path)
+    except Exception:
+        model.unload()  # leave the caller's base model as it was
+        raise
+    return model
+
+
+def _fill(model: PeftModel, stored: SafetensorsFile, weights_path: str) -> None:
+    entries = _entries(model)
+    by_name = {k.replace(".default.", "."): k for k in stored}  # very old PEFT kept the name
+    missing = sorted(set(entries) - set(by_name))
+    unexpected = sorted(set(by_name) - set(entries))
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {missing[:8]}")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)}: {unexpected[:8]}")
     if problems:
-        raise CheckpointError(f"{weights_path} does not fit {type(base).__name__} with the config "
-                              f"in {CONFIG_FILE}: " + "; ".join(problems) + ". Load it onto the "
-                              "base model it was trained on.")
-    by_name = {k.replace(".default.", "."): k for k in stored}
-    for key, want in expected.items():
-        if stored.shape(by_name[key]) != want.shape:
+        raise CheckpointError(f"{weights_path} does not fit {type(model.base_model).__name__} with "
+                              f"the config in {CONFIG_FILE}: " + "; ".join(problems) + ". Load it "
+                              "onto the base model it was trained on.")
+    for key, (var, transposed) in entries.items():
+        want = var[...].shape[::-1] if transposed else var[...].shape
+        if stored.shape(by_name[key]) != tuple(want):
             raise CheckpointError(f"{weights_path}: {key} has shape {stored.shape(by_name[key])}, "
-                                  f"the model expects {want.shape}.")
-    lora = dict(model.lora_layers())
-    params = hf_param_paths(model.base_model)
-    for key in expected:
+                                  f"the model expects {tuple(want)}.")
+    for key, (var, transposed) in entries.items():
         value = np.asarray(stored[by_name[key]])
-        name = key[len(PREFIX):]
-        if name.endswith((".lora_A.weight", ".lora_B.weight")):
-            owner, which = name.rsplit(".", 2)[0], name.split(".")[-2]
-            var = getattr(lora[owner], which)
-            var[...] = jnp.asarray(value.T, var[...].dtype)
-            continue
-        path, transposed = params[_hf_key(key)]
-        target = _variable(model.base_model, path)
-        target[...] = jnp.asarray(value.T if transposed else value, target[...].dtype)
-    return model
-
-
-def _variable(module, path):
-    node = module
-    for p in path:
-        node = node[p] if isinstance(p, int) else getattr(node, p)
-    return node
+        var[...] = jnp.asarray(value.T if transposed else value, var[...].dtype)

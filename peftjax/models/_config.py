@@ -28,7 +28,7 @@ BOOKKEEPING = frozenset({
     "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "typical_p", "diversity_penalty", "num_beam_groups",
-    "encoder_no_repeat_ngram_size", "tie_word_embeddings", "base_model_tp_plan",
+    "encoder_no_repeat_ngram_size", "base_model_tp_plan",
     "base_model_pp_plan", "mlp_only_layers", "unsloth_version", "keys_to_ignore_at_inference",
 })
 

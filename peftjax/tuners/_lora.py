@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, param_value
+from peftjax.tuners._targets import pattern_key
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM",
               "QUESTION_ANS")
@@ -101,7 +102,6 @@ class LoraConfig:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
     def rank_alpha(self, name: str) -> tuple[int, float]:
-        from peftjax.tuners._targets import pattern_key
         rk = pattern_key(list(self.rank_pattern), name)
         ak = pattern_key(list(self.alpha_pattern), name)
         return (self.rank_pattern[rk] if rk is not None else self.r,
@@ -113,6 +113,8 @@ class LoraConfig:
 
 class LoraMixin:
     """Adds ``lora_A`` [in, r], ``lora_B`` [r, out] to a linear layer class (see module doc)."""
+
+    base_cls: type  # the adapted layer class, set by lora_class
 
     def __init__(self, base: Linear, *, r: int, scaling: float, dropout: float, init,
                  rngs: nnx.Rngs):
@@ -167,8 +169,7 @@ class LoraMixin:
 
     def unloaded(self) -> Linear:
         """The plain base-class layer holding this layer's (possibly merged) weights."""
-        base_cls = type(self).__mro__[2]
-        plain = nnx.eval_shape(lambda: base_cls(self.in_features, self.out_features,
+        plain = nnx.eval_shape(lambda: self.base_cls(self.in_features, self.out_features,
                                                 use_bias=self.bias is not None,
                                                 axes=self.kernel.get_metadata()["axes"],
                                                 dtype=self.dtype,
@@ -181,7 +182,7 @@ class LoraMixin:
 @functools.cache
 def lora_class(base_cls: type) -> type:
     """``LoraLinear`` for ``Linear``, ``LoraConv1D`` for ``Conv1D``: same HF names as the base."""
-    return type(f"Lora{base_cls.__name__}", (LoraMixin, base_cls), {})
+    return type(f"Lora{base_cls.__name__}", (LoraMixin, base_cls), {"base_cls": base_cls})
 
 
 def is_lora_layer(module) -> bool:

@@ -53,8 +53,13 @@ class PeftModel(nnx.Module):
 
     def merge_and_unload(self) -> nnx.Module:
         """Merges the adapters and returns the plain base model (no LoRA layers left)."""
+        self.merge_adapter()
+        return self.unload()
+
+    def unload(self) -> nnx.Module:
+        """Removes the LoRA layers without merging and returns the base model: its weights are
+        what they were before :func:`get_peft_model` (unless merged before)."""
         for name, layer in self.lora_layers():
-            layer.merge()
             set_submodule(self.base_model, name, layer.unloaded())
         return self.base_model
 
@@ -74,8 +79,7 @@ class PeftModel(nnx.Module):
             if not isinstance(var, nnx.Param):
                 return False
             name = ".".join(map(str, path[:-1]))
-            if any(name == m or name.endswith("." + m) or ("." + m + ".") in ("." + name + ".")
-                   for m in save):
+            if any(f".{m}." in f".{name}." for m in save):  # the module or anything inside it
                 return True
             if path[-1] == "bias":
                 return cfg.bias == "all" or (cfg.bias == "lora_only" and name in lora_names)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from peftjax import LoraConfig, PeftModel, get_peft_model
 from peftjax.models import CheckpointError, from_pretrained
+from peftjax.tuners import LoraParam
 from tests.conftest import batch, hf_class, hf_positions
 
 # arch -> (task, PEFT task_type, targets, layers_pattern, rank_pattern key, head to save)
@@ -116,10 +117,18 @@ def test_adapter_errors(tiny_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(CheckpointError, match=r"not implemented here: \{'use_dora': True\}"):
         PeftModel.from_pretrained(from_pretrained(path, progress=False), str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3,
+                                                             "init_lora_weights": False}))
+    base = from_pretrained(path, progress=False)
+    ids, mask = batch()
+    before = np.asarray(base(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
     with pytest.raises(CheckpointError, match=r"lora_A.weight has shape \(2, 64\), the model "
                        r"expects \(3, 64\)"):
-        PeftModel.from_pretrained(from_pretrained(path, progress=False), str(tmp_path))
+        PeftModel.from_pretrained(base, str(tmp_path))
+    # a failed load leaves the caller's model as it was (no LoRA layers, same outputs)
+    assert not list(nnx.to_flat_state(nnx.state(base, LoraParam)))
+    after = np.asarray(base(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    np.testing.assert_array_equal(before, after)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj",
                                                                                         "k_proj"]}))
     with pytest.raises(CheckpointError, match=r"missing 6: .*k_proj.lora_A.weight"):

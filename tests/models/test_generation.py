@@ -44,16 +44,23 @@ def test_greedy_generation_equals_transformers(tiny_dir, arch):
         assert (row[n:] == 0).all()
 
 
-def test_generate_compiles_once_per_bucket(tiny_dir):
+def test_generate_compiles_once_per_bucket(tiny_dir, monkeypatch):
+    """Counts traces (Python runs only when jit traces), which is what a recompile costs."""
     from peftjax import generation
+    traces, original = [], generation._generate.__wrapped__
+
+    def counting(*args, **kwargs):
+        traces.append(args[2].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate", jax.jit(
+        counting, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k")))
     model = from_pretrained(tiny_dir("llama"), progress=False)
-    peftjax.generate(model, [[5, 6, 7]], max_new_tokens=4, bucket=16)
-    size = generation._generate._cache_size()
-    for prompt in ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [9], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]):
+    for prompt in ([5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [9], [4] * 13):
         peftjax.generate(model, [prompt], max_new_tokens=4, bucket=16)  # all in the 16 bucket
-    assert generation._generate._cache_size() == size
+    assert traces == [(1, 16)]
     peftjax.generate(model, [[1] * 20], max_new_tokens=4, bucket=16)  # the 32 bucket
-    assert generation._generate._cache_size() == size + 1
+    assert traces == [(1, 16), (1, 32)]
 
 
 def test_sampling_respects_top_k_and_is_seeded(tiny_dir):

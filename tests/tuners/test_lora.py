@@ -173,6 +173,14 @@ def test_merge_unmerge_and_merge_and_unload_match_peft(tiny_dir):
     assert not any(is_lora_layer(m) for _, m in nnx.iter_graph(plain))
     assert not list(nnx.to_flat_state(nnx.state(plain, LoraParam)))
     assert np.abs(_ours_logits(plain, "llama", ids, mask) - unmerged)[real].max() <= tol
+    # unload() without merging gives back the original weights, bit for bit
+    fresh = from_pretrained(path, progress=False)
+    k_orig = np.asarray(fresh.model.layers[1].mlp.gate_proj.kernel[...]).copy()
+    again = get_peft_model(fresh, LoraConfig(**cfg, init_lora_weights=False), rngs=nnx.Rngs(5))
+    restored = again.unload()
+    assert not list(nnx.to_flat_state(nnx.state(restored, LoraParam)))
+    np.testing.assert_array_equal(np.asarray(restored.model.layers[1].mlp.gate_proj.kernel[...]),
+                                  k_orig)
     sd = merged_torch.state_dict()
     for i, layer in enumerate(plain.model.layers):
         for proj in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj"):

@@ -1,6 +1,6 @@
 """peftjax: parameter-efficient fine-tuning for JAX / Flax NNX."""
 
-from peftjax import models
+from peftjax import models, train
 from peftjax.generation import Generation, generate
 from peftjax.tokenizer import load_tokenizer
 from peftjax.tuners import LoraConfig, PeftModel, count_parameters, get_peft_model
@@ -8,4 +8,4 @@ from peftjax.tuners import LoraConfig, PeftModel, count_parameters, get_peft_mod
 __version__ = "0.1.0"
 
 __all__ = ["Generation", "LoraConfig", "PeftModel", "count_parameters", "generate",
-           "get_peft_model", "load_tokenizer", "models", "__version__"]
+           "get_peft_model", "load_tokenizer", "models", "train", "__version__"]

@@ -14,6 +14,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# XLA:CPU's default scheduler favours concurrency over memory and runs rematerialised
+# recomputation early, which hides what remat saves (GPU/TPU schedulers are memory-aware).
+# The memory tests compare XLA's buffer sizes, so they need the memory-minimising scheduler.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 import jax  # noqa: E402
 
@@ -154,3 +159,29 @@ def smollm2_dir():
         tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def train_briefly(model, task: str, ids, mask, *, steps: int = 3, lr: float = 1e-2, seed: int = 0):
+    """A few AdamW steps of peftjax's own train step on (ids, mask); writes the result back
+    into ``model`` and returns the losses. Labels: next tokens (causal LM) or random classes."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from peftjax.train import (OptimizerConfig, make_optimizer, make_train_step, split_model)
+    rs = np.random.RandomState(seed)
+    if task == "causal_lm":
+        labels = np.where(mask == 1, ids, -100)
+    else:
+        labels = rs.randint(0, model.config.num_labels, len(ids))
+    data = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+            "labels": jnp.asarray(labels)}
+    graphdef, trainable, frozen = split_model(model)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=lr))
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(graphdef, optimizer, task=task)
+    losses = []
+    for _ in range(steps):
+        trainable, opt_state, metrics = step(trainable, opt_state, frozen, data, None)
+        losses.append(float(metrics["loss"]))
+    nnx.update(model, trainable)
+    return losses

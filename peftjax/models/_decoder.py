@@ -13,6 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
@@ -92,6 +93,7 @@ class DecoderAttention(nnx.Module):
         q = self.q_proj(x_BTE).reshape(B, T, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x_BTE).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x_BTE).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         rope = cfg.layer_ropes[self.layer_idx]
@@ -114,7 +116,8 @@ class DecoderMLP(nnx.Module):
         self.down_proj = L.Linear(F, E, use_bias=cfg.mlp_bias, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.down_proj(L.ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        h = L.ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(checkpoint_name(h, "mlp_hidden"))
 
 
 class DecoderLayer(nnx.Module):
@@ -152,6 +155,7 @@ class DecoderModel(nnx.Module):
                                 for i in range(cfg.num_layers)])
         self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, offset=cfg.norm_offset,
                               dtype=dtype, param_dtype=param_dtype)
+        self.remat = "none"  # per-block rematerialisation policy (peftjax.train.set_remat)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  cache: L.KVCache | None = None, extra_kv=None, dropout_rng=None) -> L.ModelOutput:
@@ -175,7 +179,8 @@ class DecoderModel(nnx.Module):
                  for w in set(cfg.layer_windows)}
         kvs = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions_BT=positions, mask_BTS=masks[cfg.layer_windows[i]],
+            x, kv = L.call_block(layer, self.remat, x, positions_BT=positions,
+                                 mask_BTS=masks[cfg.layer_windows[i]],
                           cache_kv=cache.layer(i) if cache is not None else None,
                           cache_index=offset, extra=extra_kv[i] if extra_kv is not None else None)
             kvs.append(kv)

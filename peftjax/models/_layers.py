@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.struct
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -151,6 +152,55 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+# ------------------------------------------------------------------------------------ remat
+
+# Tensors tagged with jax.ad_checkpoint.checkpoint_name inside every block, for "save:" policies.
+CHECKPOINT_NAMES = ("qkv", "attn_out", "mlp_hidden")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy(name: str):
+    """Validates a remat policy name; returns the jax.checkpoint policy (None saves nothing).
+
+    ``none``: no rematerialisation. ``full``: save only block inputs, recompute the rest.
+    ``dots_saveable`` / ``dots_with_no_batch_dims_saveable``: jax's policies of those names.
+    ``save:NAME[,NAME...]``: save only the tensors tagged NAME (one of :data:`CHECKPOINT_NAMES`).
+    """
+    cp = jax.checkpoint_policies
+    if name in ("none", "full"):
+        return None
+    if name in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        return getattr(cp, name)
+    if isinstance(name, str) and name.startswith("save:"):
+        names = tuple(n.strip() for n in name[len("save:"):].split(",") if n.strip())
+        bad = [n for n in names if n not in CHECKPOINT_NAMES]
+        if not names or bad:
+            raise ValueError(f"remat policy {name!r}: names must be a comma-separated subset of "
+                             f"{', '.join(CHECKPOINT_NAMES)}")
+        return cp.save_only_these_names(*names)
+    raise ValueError(f"unknown remat policy {name!r}; use one of {', '.join(REMAT_POLICIES)} "
+                     f"or 'save:NAME,...' with names from {', '.join(CHECKPOINT_NAMES)}")
+
+
+def call_block(block: nnx.Module, remat: str, x: Array, **kwargs):
+    """``block(x, **kwargs)``, rematerialised in the backward pass as ``remat`` says.
+
+    Keyword arguments holding arrays are traced through the checkpoint; the rest (None, ints,
+    flags) are constants of the block's program."""
+    if remat == "none":
+        return block(x, **kwargs)
+    traced = {k: v for k, v in kwargs.items()
+              if any(isinstance(a, jax.Array) for a in jax.tree.leaves(v))}
+    static = {k: v for k, v in kwargs.items() if k not in traced}
+
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, traced):  # pure: blocks do not mutate their state
+        return nnx.merge(graphdef, state)(x, **traced, **static)
+
+    return jax.checkpoint(run, policy=remat_policy(remat))(state, x, traced)
+
+
 # ----------------------------------------------------------------------------------- rotary
 
 
@@ -281,7 +331,7 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS:
         gate_KG = jnp.broadcast_to(jnp.asarray(extra.gate), (H,)).reshape(K, H // K)
         extra_out = jnp.einsum("bkgts,bskd->btkgd", pe, ev.astype(q_BTHD.dtype))
         out_BTKGD = out_BTKGD + (gate_KG[:, :, None].astype(q_BTHD.dtype) * extra_out)
-    return out_BTKGD.reshape(B, T, H, D)
+    return checkpoint_name(out_BTKGD.reshape(B, T, H, D), "attn_out")
 
 
 @flax.struct.dataclass

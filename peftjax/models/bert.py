@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
@@ -125,13 +126,14 @@ class BertLayer(nnx.Module):
         B, T, E = x_BTE.shape
         H, D = cfg.num_heads, cfg.head_dim
         sa = self.attention.self
-        q, k, v = (m(x_BTE).reshape(B, T, H, D) for m in (sa.query, sa.key, sa.value))
+        q, k, v = (checkpoint_name(m(x_BTE), "qkv").reshape(B, T, H, D)
+                   for m in (sa.query, sa.key, sa.value))
         a = L.dot_product_attention(q, k, v, mask_BTS, scale=D ** -0.5, extra=extra,
                                     dropout_rate=cfg.attention_dropout,
                                     dropout_rng=L.fold(dropout_rng, 0)).reshape(B, T, E)
         ao = self.attention.output
         x = ao.LayerNorm(L.dropout(ao.dense(a), cfg.hidden_dropout, L.fold(dropout_rng, 1)) + x_BTE)
-        h = L.ACTIVATIONS[cfg.activation](self.intermediate.dense(x))
+        h = checkpoint_name(L.ACTIVATIONS[cfg.activation](self.intermediate.dense(x)), "mlp_hidden")
         o = self.output
         return o.LayerNorm(L.dropout(o.dense(h), cfg.hidden_dropout, L.fold(dropout_rng, 2)) + x)
 
@@ -155,6 +157,7 @@ class BertModel(nnx.Module):
             pooler.dense = L.Linear(cfg.hidden_size, cfg.hidden_size, use_bias=True,
                                     axes=("embed", "embed_out"), **L.init_kw(cfg, dtype, param_dtype, rngs))
         self.pooler = pooler
+        self.remat = "none"  # per-block rematerialisation policy (peftjax.train.set_remat)
 
     def default_positions(self, input_ids, B: int, T: int):
         cfg = self.config
@@ -186,8 +189,9 @@ class BertModel(nnx.Module):
         mask = L.attention_mask(jnp.zeros((1, T), jnp.int32), attention_mask, causal=False,
                                 window=None)
         for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, mask_BTS=mask, extra=extra_kv[i] if extra_kv is not None else None,
-                      dropout_rng=L.fold(dropout_rng, i))
+            x = L.call_block(layer, self.remat, x, mask_BTS=mask,
+                             extra=extra_kv[i] if extra_kv is not None else None,
+                             dropout_rng=L.fold(dropout_rng, i))
         pooled = jnp.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
         return L.ModelOutput(hidden_states=x, pooled=pooled)
 

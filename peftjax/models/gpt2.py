@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
@@ -95,7 +96,7 @@ class GPT2Attention(nnx.Module):
         cfg = self.cfg
         B, T, E = x_BTE.shape
         H, D = cfg.num_heads, cfg.head_dim
-        q, k, v = jnp.split(self.c_attn(x_BTE), 3, axis=-1)
+        q, k, v = jnp.split(checkpoint_name(self.c_attn(x_BTE), "qkv"), 3, axis=-1)
         q, k, v = (a.reshape(B, T, H, D) for a in (q, k, v))
         new_cache = None
         if cache_kv is not None:
@@ -117,7 +118,8 @@ class GPT2MLP(nnx.Module):
         self.c_proj = L.Conv1D(cfg.inner_size, cfg.hidden_size, use_bias=True, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x, dropout_rng=None):
-        return L.dropout(self.c_proj(L.ACTIVATIONS[self.act](self.c_fc(x))), self.rate, dropout_rng)
+        h = checkpoint_name(L.ACTIVATIONS[self.act](self.c_fc(x)), "mlp_hidden")
+        return L.dropout(self.c_proj(h), self.rate, dropout_rng)
 
 
 class GPT2Block(nnx.Module):
@@ -150,6 +152,7 @@ class GPT2Model(nnx.Module):
                            for i in range(cfg.num_layers)])
         self.ln_f = L.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
                                 param_dtype=param_dtype)
+        self.remat = "none"  # per-block rematerialisation policy (peftjax.train.set_remat)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  cache: L.KVCache | None = None, extra_kv=None, dropout_rng=None) -> L.ModelOutput:
@@ -164,7 +167,8 @@ class GPT2Model(nnx.Module):
         mask = L.attention_mask(q_slots, attention_mask, causal=True, window=None)
         kvs = []
         for i, block in enumerate(self.h):
-            x, kv = block(x, mask_BTS=mask, cache_kv=cache.layer(i) if cache is not None else None,
+            x, kv = L.call_block(block, self.remat, x, mask_BTS=mask,
+                                 cache_kv=cache.layer(i) if cache is not None else None,
                           cache_index=offset, extra=extra_kv[i] if extra_kv is not None else None,
                           dropout_rng=L.fold(dropout_rng, i))
             kvs.append(kv)

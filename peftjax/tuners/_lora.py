@@ -4,12 +4,16 @@ A targeted linear layer ``y = x W + b`` becomes ``y = x W + b + s * dropout(x) A
 ``A`` [in, r] and ``B`` [r, out] (PEFT stores ``lora_A.weight`` [r, in] and ``lora_B.weight``
 [out, r]; export transposes), ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), ``A``
 kaiming-uniform and ``B`` zero by default, so the model is unchanged right after injection.
+Dropout follows the models' rule: it is active only while a dropout key is given (calling the
+:class:`PeftModel` with ``dropout_rng=``), and each LoRA layer folds its own site into that key.
 The LoRA layer subclasses the layer it adapts and keeps its ``kernel``/``bias`` where they
 were, so base checkpoints load into an adapted model unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -20,12 +24,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models._layers import Linear, param_value
+from peftjax.models._layers import Linear, dropout, fold, param_value
 from peftjax.tuners._targets import pattern_key
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM",
               "QUESTION_ANS")
 BIAS_MODES = ("none", "all", "lora_only")
+
+# The dropout key of the forward pass being traced: set by PeftModel.__call__ around the model
+# call (trace-time Python state, so it works under jit, grad and remat alike).
+_DROPOUT_RNG: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_rng", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout_rng(rng: jax.Array | None):
+    """LoRA layers called inside this block apply their dropout with keys folded from ``rng``
+    (None: no dropout)."""
+    token = _DROPOUT_RNG.set(rng)
+    try:
+        yield
+    finally:
+        _DROPOUT_RNG.reset(token)
 
 
 class LoraParam(nnx.Variable):
@@ -117,7 +136,7 @@ class LoraMixin:
     base_cls: type  # the adapted layer class, set by lora_class
 
     def __init__(self, base: Linear, *, r: int, scaling: float, dropout: float, init,
-                 rngs: nnx.Rngs):
+                 site: int, rngs: nnx.Rngs):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype
         self.kernel, self.bias = base.kernel, base.bias
@@ -139,9 +158,7 @@ class LoraMixin:
         # adapters train in float32 even over bf16 base weights (mixed precision)
         self.lora_A = LoraParam(a_IxR.astype(pdt), axes=(in_axis, "lora_rank"))
         self.lora_B = LoraParam(b_RxO.astype(pdt), axes=("lora_rank", out_axis))
-        # deterministic until model.train(); reseed with nnx.reseed(model, dropout=key)
-        self.lora_dropout = (nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0
-                             else None)
+        self.dropout_rate, self.site = float(dropout), site
 
     def delta_IxO(self) -> jax.Array:
         return (param_value(self.lora_A) @ param_value(self.lora_B)) * self.scaling
@@ -150,7 +167,7 @@ class LoraMixin:
         y = super().__call__(x)
         if self.merged:
             return y
-        h = self.lora_dropout(x) if self.lora_dropout is not None else x
+        h = dropout(x, self.dropout_rate, fold(_DROPOUT_RNG.get(), self.site))
         a = param_value(self.lora_A).astype(self.dtype)
         b = param_value(self.lora_B).astype(self.dtype)
         return y + (h.astype(self.dtype) @ a @ b) * jnp.asarray(self.scaling, self.dtype)

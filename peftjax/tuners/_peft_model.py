@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
-from peftjax.tuners._lora import LoraConfig, LoraParam, is_lora_layer, lora_class
+from peftjax.models._layers import fold
+from peftjax.tuners._lora import LoraConfig, LoraParam, is_lora_layer, lora_class, lora_dropout_rng
 from peftjax.tuners._targets import find_targets, get_submodule, named_modules, set_submodule
 
 # PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -29,8 +30,10 @@ class PeftModel(nnx.Module):
         self.base_model = base_model
         self.peft_config = peft_config
 
-    def __call__(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def __call__(self, *args, dropout_rng=None, **kwargs):
+        """Calls the model. ``dropout_rng`` turns on dropout: the model's own and LoRA's."""
+        with lora_dropout_rng(fold(dropout_rng, -100)):
+            return self.base_model(*args, dropout_rng=dropout_rng, **kwargs)
 
     @property
     def config(self):
@@ -141,12 +144,12 @@ def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> 
             raise ValueError(f"no default target_modules for model_type={model_type!r}; pass "
                              "target_modules explicitly.")
         config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
-    for name in find_targets(model, config):
+    for site, name in enumerate(find_targets(model, config)):
         layer = get_submodule(model, name)
         r, alpha = config.rank_alpha(name)
         new = lora_class(type(layer))(layer, r=r, scaling=config.scaling(r, alpha),
                                       dropout=config.lora_dropout,
-                                      init=config.init_lora_weights, rngs=rngs)
+                                      init=config.init_lora_weights, site=site, rngs=rngs)
         set_submodule(model, name, new)
     return PeftModel(model, config)
 

@@ -1,4 +1,4 @@
-"""PEFT-format adapter files both ways with PyTorch PEFT: (a) peftjax writes, PEFT loads;
+"""PEFT-format adapter files both ways with PyTorch PEFT: (a) peftjax trains and writes, PEFT loads;
 (b) PEFT writes (non-zero B, rsLoRA, rank/alpha patterns, layers_to_transform,
 modules_to_save head), peftjax loads. Logits must agree within 1e-4."""
 
@@ -17,7 +17,7 @@ from flax import nnx
 from peftjax import LoraConfig, PeftModel, get_peft_model
 from peftjax.models import CheckpointError, from_pretrained
 from peftjax.tuners import LoraParam
-from tests.conftest import batch, hf_class, hf_positions
+from tests.conftest import batch, hf_class, hf_positions, train_briefly
 
 # arch -> (task, PEFT task_type, targets, layers_pattern, rank_pattern key, head to save)
 SPECS = {
@@ -86,15 +86,18 @@ def test_peft_adapter_loads_in_peftjax(tiny_dir, tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", list(SPECS))
-def test_peftjax_adapter_loads_in_peft(tiny_dir, tmp_path, arch):
+def test_peftjax_trained_adapter_loads_in_peft(tiny_dir, tmp_path, arch):
+    """(a): an adapter (and its modules_to_save head) trained by peftjax's train step."""
     task = SPECS[arch][0]
     path = tiny_dir(arch, task)
     ours = get_peft_model(from_pretrained(path, task=task, progress=False),
-                          LoraConfig(**_config(arch), init_lora_weights=False), rngs=nnx.Rngs(3))
-    head = SPECS[arch][5]
-    if head:
-        for _, var in nnx.to_flat_state(nnx.state(getattr(ours.base_model, head), nnx.Param)):
-            var[...] = var[...] + 0.5
+                          LoraConfig(**_config(arch)), rngs=nnx.Rngs(3))
+    ids, mask = batch(lengths=(10, 6))
+    before = _run_ours(ours, ids, mask)
+    losses = train_briefly(ours, task, *batch(lengths=(12, 9, 7, 12), seed=5))
+    assert losses[-1] < losses[0]
+    trained_b = [np.abs(np.asarray(layer.lora_B[...])).max() for _, layer in ours.lora_layers()]
+    assert min(trained_b) > 0                           # every B moved away from zero
     ours.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["r"] == 4 and saved["use_rslora"] is True
@@ -102,8 +105,9 @@ def test_peftjax_adapter_loads_in_peft(tiny_dir, tmp_path, arch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
-    ids, mask = batch(lengths=(10, 6))
-    _compare(arch, _run_ours(ours, ids, mask), _run_torch(pm, arch, ids, mask), mask)
+    after = _run_ours(ours, ids, mask)
+    assert np.abs(after - before).max() > 1e-3           # training changed the outputs
+    _compare(arch, after, _run_torch(pm, arch, ids, mask), mask)
 
 
 def test_adapter_errors(tiny_dir, tmp_path):

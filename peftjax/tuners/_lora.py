@@ -130,66 +130,52 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def _zeros_if_none(value, like):
-    return jnp.zeros_like(like) if value is None else value
-
-
 @functools.cache
-def _lora_matmul(scaling: float, dtype) -> Any:
-    """``f(x, h, kernel, a, b) = x @ kernel + ((h @ a) @ b) * scaling`` with a hand-written
-    backward pass. ``x`` [..., in] feeds the base weight and ``h`` (x after LoRA dropout) the
-    adapter; matmuls run in ``dtype`` and ``a``, ``b`` keep their storage dtype (float32).
+def _lora_delta(scaling: float, dtype) -> Any:
+    """``delta(h, a, b) = ((h @ a) @ b) * scaling`` with a hand-written backward pass; ``h``
+    [..., in] is the layer input after LoRA dropout, matmuls run in ``dtype`` and ``a``, ``b``
+    keep their storage dtype (float32). The base layer's own ``__call__`` computes ``x W + b``.
 
     Autodiff of the same expression lets XLA lay out the rank-r products transposed over the
-    tokens, which costs large copies on CPU (2.7x slower backward on a 1024x512x1408 layer).
-    Here each gradient is one product with the token axis contracted in place:
-    ``g = dy B^T s``, ``dA = (g^T h)^T``, ``dB = (h A)^T dy s``, ``dx = dy W^T``, ``dh = g A^T``.
-    Gradients are computed only for inputs being differentiated (a frozen kernel gets none),
-    and dA/dB accumulate in float32.
+    tokens, which costs large copies on CPU (a LoRA train step 1.3x slower, measured by
+    benchmarks/train_step.py). Here each gradient is one product with the token axis contracted
+    in place: ``g = dy B^T s``, ``dh = g A^T``, ``dA = (g^T h)^T``, ``dB = (h A)^T dy s``;
+    only the gradients of inputs being differentiated are computed, and dA/dB accumulate in
+    float32.
     """
     f32 = jnp.float32
 
-    def value(x, h, kernel, a, b):
+    def value(h, a, b):
         xa = jnp.dot(h.astype(dtype), a.astype(dtype))
-        base = jnp.dot(x.astype(dtype), kernel.astype(dtype))
-        return base + jnp.dot(xa, b.astype(dtype)) * jnp.asarray(scaling, dtype), xa
+        return jnp.dot(xa, b.astype(dtype)) * jnp.asarray(scaling, dtype), xa
 
     @jax.custom_vjp
-    def op(x, h, kernel, a, b):
-        return value(x, h, kernel, a, b)[0]
+    def delta(h, a, b):
+        return value(h, a, b)[0]
 
-    def fwd(x, h, kernel, a, b):
-        y, xa = value(x.value, h.value, kernel.value, a.value, b.value)
-        perturbed = tuple(v.perturbed for v in (x, h, kernel, a, b))
-        return y, (x.value, h.value, kernel.value, a.value, b.value, xa, perturbed)
+    def fwd(h, a, b):
+        y, xa = value(h.value, a.value, b.value)
+        return y, (h.value, a.value, b.value, xa, (h.perturbed, a.perturbed, b.perturbed))
 
     def bwd(res, dy):
-        x, h, kernel, a, b, xa, (px, ph, pk, pa, pb) = res
+        h, a, b, xa, (ph, pa, pb) = res
         if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-            return tuple(jnp.zeros_like(v) for v in (x, h, kernel, a, b))
-        dy = dy.astype(dtype)
-        dy_NO = dy.reshape(-1, dy.shape[-1])
-        s = jnp.asarray(scaling, dtype)
-        g_NR = jnp.dot(dy_NO, b.astype(dtype).T) * s
-        dx = dh = dk = da = db = None
-        if px:
-            dx = jnp.dot(dy, kernel.astype(dtype).T).astype(x.dtype)
+            return None, None, None
+        dy_NO = dy.astype(dtype).reshape(-1, dy.shape[-1])
+        g_NR = jnp.dot(dy_NO, b.astype(dtype).T) * jnp.asarray(scaling, dtype)
+        dh = da = db = None  # None: a zero cotangent (that input is not differentiated)
         if ph:
             dh = jnp.dot(g_NR, a.astype(dtype).T).reshape(h.shape).astype(h.dtype)
-        if pk:
-            dk = jnp.einsum("ni,no->io", x.reshape(-1, x.shape[-1]).astype(dtype), dy_NO,
-                            preferred_element_type=f32).astype(kernel.dtype)
         if pa:
             da = jnp.einsum("nr,ni->ri", g_NR, h.reshape(-1, h.shape[-1]).astype(dtype),
                             preferred_element_type=f32).T.astype(a.dtype)
         if pb:
             db = (jnp.einsum("nr,no->ro", xa.reshape(-1, xa.shape[-1]), dy_NO,
                              preferred_element_type=f32) * scaling).astype(b.dtype)
-        return tuple(_zeros_if_none(d, v) for d, v in zip((dx, dh, dk, da, db),
-                                                           (x, h, kernel, a, b)))
+        return dh, da, db
 
-    op.defvjp(fwd, bwd, symbolic_zeros=True)
-    return op
+    delta.defvjp(fwd, bwd, symbolic_zeros=True)
+    return delta
 
 
 class LoraMixin:
@@ -226,14 +212,12 @@ class LoraMixin:
         return (param_value(self.lora_A) @ param_value(self.lora_B)) * self.scaling
 
     def __call__(self, x):
+        y = super().__call__(x)
         if self.merged:
-            return super().__call__(x)
+            return y
         h = dropout(x, self.dropout_rate, fold(_DROPOUT_RNG.get(), self.site))
-        y = _lora_matmul(self.scaling, jnp.dtype(self.dtype))(
-            x, h, param_value(self.kernel), param_value(self.lora_A), param_value(self.lora_B))
-        if self.bias is not None:
-            y = y + param_value(self.bias).astype(self.dtype)
-        return y
+        return y + _lora_delta(self.scaling, jnp.dtype(self.dtype))(
+            h, param_value(self.lora_A), param_value(self.lora_B))
 
     def merge(self) -> None:
         if not self.merged:

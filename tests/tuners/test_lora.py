@@ -246,31 +246,33 @@ def test_bad_configs_are_explained(tiny_dir):
                        rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_lora_matmul_backward_matches_autodiff(dtype, tol):
-    """The hand-written LoRA backward equals autodiff of x W + (h A) B s, for every input and
-    for the adapters alone (what training differentiates). bf16: relative to bf16 rounding."""
-    from peftjax.tuners._lora import _lora_matmul
-    ks = jax.random.split(jax.random.key(0), 6)
-    x, h = (jax.random.normal(k, (2, 5, 8)).astype(dtype) for k in ks[:2])
-    kernel = jax.random.normal(ks[2], (8, 6)).astype(dtype)
-    a, b = jax.random.normal(ks[3], (8, 3)), jax.random.normal(ks[4], (3, 6))
-    w = jax.random.normal(ks[5], (2, 5, 6))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lora_delta_backward_matches_autodiff(dtype):
+    """The hand-written backward of (h A) B s equals autodiff of the same expression, for every
+    input and for the adapters alone (what training differentiates). Relative to the largest
+    gradient: 1e-6 in float32 (measured 8.8e-8); in bf16 one bf16 ulp, 2^-8 (measured 1.4e-3:
+    ours accumulates dA/dB in float32, autodiff of the bf16 expression rounds to bf16)."""
+    from peftjax.tuners._lora import _lora_delta
+    ks = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(ks[0], (2, 5, 8)).astype(dtype)
+    a, b = jax.random.normal(ks[1], (8, 3)), jax.random.normal(ks[2], (3, 6))
+    w = jax.random.normal(ks[3], (2, 5, 6))
 
-    def ref(x, h, kernel, a, b):
-        return (jnp.dot(x, kernel) + jnp.dot(jnp.dot(h, a.astype(dtype)), b.astype(dtype))
-                * jnp.asarray(0.5, dtype))
+    def ref(h, a, b):
+        return (jnp.dot(jnp.dot(h, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(0.5, dtype))
 
-    op = _lora_matmul(0.5, jnp.dtype(dtype))
-    for argnums in ((0, 1, 2, 3, 4), (3, 4), (0,)):
-        def loss(f):
-            return lambda *args: jnp.sum(jnp.sin(f(*args).astype(jnp.float32)) * w)
-        got = jax.jit(jax.grad(loss(op), argnums))(x, h, kernel, a, b)
-        want = jax.grad(loss(ref), argnums)(x.astype(jnp.float32), h.astype(jnp.float32),
-                                            kernel.astype(jnp.float32), a, b) \
-            if dtype == jnp.bfloat16 else jax.grad(loss(ref), argnums)(x, h, kernel, a, b)
+    def loss(f):
+        return lambda *args: jnp.sum(jnp.sin(f(*args).astype(jnp.float32)) * w)
+
+    op = _lora_delta(0.5, jnp.dtype(dtype))
+    tol = 1e-6 if dtype == jnp.float32 else 2.0 ** -8
+    np.testing.assert_array_equal(np.asarray(op(h, a, b)), np.asarray(ref(h, a, b)))
+    for argnums in ((0, 1, 2), (1, 2), (0,)):
+        got = jax.jit(jax.grad(loss(op), argnums))(h, a, b)
+        want = jax.grad(loss(ref), argnums)(h, a, b)
         for g, r, i in zip(got, want, argnums):
-            assert g.dtype == (x, h, kernel, a, b)[i].dtype
-            scale = float(jnp.abs(r).max())
+            assert g.dtype == (h, a, b)[i].dtype
             err = float(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)).max())
-            assert err <= tol * max(scale, 1.0), (argnums, i, err, scale)
+            rel = err / float(jnp.abs(r.astype(jnp.float32)).max())
+            print(f"{jnp.dtype(dtype).name} d{'hab'[i]}: relative error {rel:.1e}")
+            assert rel <= tol, (argnums, i, rel)

@@ -18,7 +18,12 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, padding_si
     """
     from transformers import AutoTokenizer
 
-    if name_or_path.startswith("pkg:") or os.path.isdir(os.path.expanduser(name_or_path)):
+    path = os.path.expanduser(name_or_path)
+    if not name_or_path.startswith("pkg:") and not os.path.isdir(path) and (
+            path.startswith((".", "/", "~")) or os.path.exists(path)):
+        raise CheckpointError(f"{name_or_path}: no such directory (expected a model or tokenizer "
+                              "directory).")
+    if name_or_path.startswith("pkg:") or os.path.isdir(path):
         source = (resolve_model_dir(name_or_path) if name_or_path.startswith("pkg:")
                   else os.path.expanduser(name_or_path))
     else:

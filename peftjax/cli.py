@@ -1,0 +1,166 @@
+"""The ``peftjax`` command.
+
+    peftjax train CONFIG.yaml [KEY=VALUE ...] [--dry-run]   train (or plan) a run
+    peftjax eval CONFIG.yaml [KEY=VALUE ...] [--split S] [--step N]
+    peftjax export CONFIG.yaml [KEY=VALUE ...] --out DIR [--step N]   PEFT-format adapter
+    peftjax merge --model PATH --adapter DIR --out DIR [--dtype D]    merged HF checkpoint
+    peftjax generate --model PATH [--adapter DIR] [--chat] PROMPT ...
+
+Overrides use dotted keys: ``peftjax train cfg.yaml train.lr=1e-4 peft.r=16``.
+Exit codes: 0 done, 1 bad input (config, paths, checkpoints), 2 training diverged, 130
+interrupted (a checkpoint was saved). ``PEFTJAX_DEBUG=1`` shows tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _add_config(p):
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=1e-4 peft.r=16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="peftjax", description="Parameter-efficient fine-tuning "
+                                 "for JAX: train, evaluate, export and merge adapters.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train from a YAML config")
+    _add_config(p)
+    p.add_argument("--dry-run", action="store_true", help="validate the config, build the model "
+                   "abstractly (no weights), print parameter counts and XLA's memory estimate")
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    _add_config(p)
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p = sub.add_parser("export", help="write a run checkpoint as a PEFT-format adapter")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF checkpoint)")
+    p.add_argument("--model", required=True, help="base model: directory, Hub id or pkg:NAME")
+    p.add_argument("--adapter", required=True, help="PEFT-format adapter directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--task", default=None, help="model task (default: from the adapter/config)")
+    p = sub.add_parser("generate", help="generate text with a model (and adapter)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("prompts", nargs="+")
+    return ap
+
+
+def _load(args):
+    from peftjax.config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def _train(args) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        from peftjax.train._plan import dry_run, format_plan
+        print(format_plan(dry_run(cfg)))
+        return 0
+    from peftjax.train._run import run_training
+    summary = run_training(cfg, progress=not args.no_progress)
+    return 130 if summary["interrupted"] else 0
+
+
+def _eval(args) -> int:
+    from peftjax.train._run import evaluate_checkpoint
+    cfg = _load(args)
+    result = evaluate_checkpoint(cfg, split=args.split, step=args.step, progress=not args.no_progress)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from peftjax.train._run import load_trained_model
+    cfg = _load(args)
+    model, step = load_trained_model(cfg, step=args.step, progress=not args.no_progress)
+    from peftjax.tuners import PeftModel
+    if not isinstance(model, PeftModel):
+        raise ValueError(f"peft.method={cfg.peft.method!r} has no adapter to export; the run's "
+                         "model/ directory holds the full weights")
+    model.save_pretrained(args.out)
+    print(f"wrote the adapter of step {step} to {args.out}")
+    return 0
+
+
+def _merge(args) -> int:
+    from peftjax.checkpoint import read_config
+    from peftjax.models import from_pretrained, save_pretrained
+    from peftjax.tuners import PeftModel
+    task = args.task
+    if task is None:
+        tt = read_config(args.adapter).task_type
+        task = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
+                "CAUSAL_LM": "causal_lm"}.get(tt)
+    base = from_pretrained(args.model, task=task, dtype=args.dtype)
+    merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
+    save_pretrained(merged, args.out)
+    try:
+        from peftjax.tokenizer import load_tokenizer
+        load_tokenizer(args.model).save_pretrained(args.out)
+    except Exception:  # noqa: BLE001 - a model without a tokenizer still merges
+        pass
+    print(f"merged {args.adapter} into {args.model} -> {args.out} ({args.dtype})")
+    return 0
+
+
+def _generate(args) -> int:
+    import jax
+
+    from peftjax.generation import generate
+    from peftjax.models import from_pretrained
+    from peftjax.tokenizer import load_tokenizer
+    from peftjax.tuners import PeftModel
+    tok = load_tokenizer(args.model)
+    model = from_pretrained(args.model, task="causal_lm")
+    if args.adapter:
+        model = PeftModel.from_pretrained(model, args.adapter)
+    prompts = args.prompts
+    if args.chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    out = generate(model, prompts, tokenizer=tok, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, rng=jax.random.key(args.seed))
+    for prompt, text in zip(args.prompts, out.texts):
+        print(f"### {prompt}\n{text}\n")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "export": _export, "merge": _merge,
+            "generate": _generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from peftjax.checkpoint import CheckpointMismatchError
+    from peftjax.config import ConfigError
+    from peftjax.models import CheckpointError, UnsupportedConfigError
+    from peftjax.train._run import TrainingDiverged
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingDiverged as e:
+        print(f"peftjax: training stopped: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError, UnsupportedConfigError, CheckpointMismatchError,
+            FileNotFoundError, FileExistsError, ValueError) as e:
+        if os.environ.get("PEFTJAX_DEBUG"):
+            raise
+        print(f"peftjax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Run configuration: YAML validated into frozen dataclasses before anything heavy happens.
+
+A run config has the sections ``model``, ``peft``, ``data``, ``train``, ``eval``, ``mesh`` and
+the key ``output_dir``. Unknown keys fail with the closest valid key; bad values fail with the
+accepted range; ``section.key=value`` overrides (values parsed as YAML) are applied first, so
+they are validated the same way.
+
+Example::
+
+    cfg = load_config("configs/quickstart.yaml", overrides=["train.lr=1e-4", "peft.r=16"])
+    cfg.peft.lora_config()      # -> peftjax.LoraConfig
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from peftjax.train._optim import SCHEDULES, OptimizerConfig
+from peftjax.train._sharding import MeshConfig
+from peftjax.tuners._lora import LoraConfig
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the key and what is accepted."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("causal_lm", "sequence_classification", "token_classification")
+PEFT_METHODS = ("lora", "head", "full")
+DATA_FORMATS = ("classification", "instruction", "chat", "text")
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise(section: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(f"config section '{section}': " + "; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """``path``: local directory, Hub id or ``pkg:PACKAGE[/SUBDIR]``. ``task``: default from the
+    checkpoint. ``dtype``: compute dtype; ``param_dtype``: storage dtype of frozen weights."""
+
+    path: str = ""
+    task: str | None = None
+    num_labels: int | None = None
+    dtype: str = "float32"
+    param_dtype: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = None  # default: ``path``
+
+    def __post_init__(self):
+        p: list[str] = []
+        _check(p, bool(self.path), "path is required (a model directory, Hub id or pkg:NAME)")
+        _check(p, self.task is None or self.task in TASKS, f"task={self.task!r} must be one of {TASKS}")
+        _check(p, self.num_labels is None or self.num_labels >= 1,
+               f"num_labels={self.num_labels!r} must be >= 1")
+        _check(p, self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
+        _check(p, self.param_dtype is None or self.param_dtype in DTYPES,
+               f"param_dtype={self.param_dtype!r} must be one of {DTYPES}")
+        _raise("model", p)
+
+
+_LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.init)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftSection:
+    """``method``: ``lora`` (the LoRA keys are PEFT's ``LoraConfig`` names), ``head`` (train only
+    ``head_modules``, e.g. the classifier) or ``full`` (every weight trains)."""
+
+    method: str = "lora"
+    head_modules: tuple[str, ...] | None = None
+    lora: dict = dataclasses.field(default_factory=dict)  # filled from the section's LoRA keys
+
+    def __post_init__(self):
+        p: list[str] = []
+        _check(p, self.method in PEFT_METHODS, f"method={self.method!r} must be one of {PEFT_METHODS}")
+        if self.method != "lora" and self.lora:
+            p.append(f"LoRA keys {sorted(self.lora)} only apply with method: lora")
+        _raise("peft", p)
+        if self.method == "lora":
+            try:
+                self.lora_config()
+            except ValueError as e:
+                raise ConfigError(f"config section 'peft': {e}") from None
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(**self.lora)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Where the examples come from and how they become token batches (see ``peftjax.data``)."""
+
+    source: str = ""
+    format: str = "classification"
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    test_split: str | None = "test"
+    validation_fraction: float = 0.0
+    max_examples: int | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    label_names: tuple[str, ...] | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    prompt_template: str | None = None
+    response_template: str | None = None
+    messages_field: str = "messages"
+    use_chat_template: bool = False
+    max_length: int = 128
+    truncation_side: str = "right"
+    packing: bool = False
+    buckets: tuple[int, ...] | None = None
+    shuffle_seed: int = 0
+
+    def __post_init__(self):
+        p: list[str] = []
+        _check(p, bool(self.source), "source is required (files, a directory, a Hub dataset "
+               "name or vader:movie_reviews)")
+        _check(p, self.format in DATA_FORMATS, f"format={self.format!r} must be one of {DATA_FORMATS}")
+        _check(p, 0.0 <= self.validation_fraction < 1.0,
+               f"validation_fraction={self.validation_fraction!r} must be in [0, 1)")
+        _check(p, self.max_examples is None or self.max_examples >= 1,
+               f"max_examples={self.max_examples!r} must be >= 1")
+        _check(p, self.max_length >= 2, f"max_length={self.max_length!r} must be >= 2")
+        _check(p, self.truncation_side in ("left", "right"),
+               f"truncation_side={self.truncation_side!r} must be 'left' or 'right'")
+        if self.buckets is not None:
+            _check(p, len(self.buckets) > 0 and all(b >= 1 for b in self.buckets)
+                   and list(self.buckets) == sorted(set(self.buckets)),
+                   f"buckets={list(self.buckets)} must be increasing positive lengths")
+            _check(p, not self.buckets or self.buckets[-1] >= self.max_length,
+                   f"the largest bucket {self.buckets and self.buckets[-1]} must be >= "
+                   f"max_length={self.max_length}")
+        _check(p, not self.packing or self.format in ("text", "instruction", "chat"),
+               "packing applies to language-model formats (text, instruction, chat)")
+        _raise("data", p)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """Steps, batch, optimizer (``lr`` and the ``OptimizerConfig`` keys), remat, logging,
+    evaluation and checkpoint cadence. ``steps`` wins over ``epochs`` when both are set."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    accum_steps: int = 1
+    lr: float = 2e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    remat: str = "none"
+    dropout: bool = True
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True
+    resume: bool = False
+
+    def __post_init__(self):
+        p: list[str] = []
+        _check(p, self.steps is not None or self.epochs is not None, "set steps or epochs")
+        _check(p, self.steps is None or self.steps >= 1, f"steps={self.steps!r} must be >= 1")
+        _check(p, self.epochs is None or self.epochs > 0, f"epochs={self.epochs!r} must be > 0")
+        _check(p, self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
+        _check(p, self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
+               f"accum_steps={self.accum_steps!r} must be >= 1 and divide batch_size={self.batch_size}")
+        _check(p, self.schedule in SCHEDULES, f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        _check(p, self.lr > 0, f"lr={self.lr!r} must be > 0")
+        for name in ("log_every", "eval_every", "save_every"):
+            v = getattr(self, name)
+            _check(p, v is None or v >= 1, f"{name}={v!r} must be >= 1 (or null for never)")
+        _check(p, self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints!r} must be >= 1")
+        try:
+            from peftjax.models._layers import remat_policy
+            remat_policy(self.remat)
+        except ValueError as e:
+            p.append(str(e))
+        _raise("train", p)
+        try:
+            self.optimizer_config(total_steps=max(self.warmup_steps + 1, self.steps or 0))
+        except ValueError as e:
+            raise ConfigError(f"config section 'train': {e}") from None
+
+    def optimizer_config(self, *, total_steps: int) -> OptimizerConfig:
+        return OptimizerConfig(learning_rate=self.lr, schedule=self.schedule,
+                               warmup_steps=self.warmup_steps, total_steps=total_steps,
+                               final_lr_ratio=self.final_lr_ratio, weight_decay=self.weight_decay,
+                               b1=self.b1, b2=self.b2, eps=self.eps, max_grad_norm=self.max_grad_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """``generation``: also score greedy generations against the expected response (instruction
+    format); ``test_before``: evaluate the test split before training too."""
+
+    batch_size: int = 32
+    max_examples: int | None = None  # evaluate on the first N examples of each split
+    generation: bool = False
+    max_new_tokens: int = 8
+    test_before: bool = True
+
+    def __post_init__(self):
+        p: list[str] = []
+        _check(p, self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
+        _check(p, self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
+        _check(p, self.max_examples is None or self.max_examples >= 1,
+               f"max_examples={self.max_examples!r} must be >= 1 (or null for all)")
+        _raise("eval", p)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    distributed: bool = False
+
+    def __post_init__(self):
+        try:
+            self.mesh_config()
+        except ValueError as e:
+            raise ConfigError(f"config section 'mesh': {e}") from None
+
+    def mesh_config(self) -> MeshConfig:
+        return MeshConfig(self.data, self.fsdp, self.tensor, self.distributed)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    peft: PeftSection = dataclasses.field(default_factory=PeftSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    output_dir: str = "runs/run"
+
+    def to_dict(self) -> dict:
+        """Plain nested dict; ``config_from_dict(cfg.to_dict()) == cfg``."""
+        out = dataclasses.asdict(self)
+        lora = out["peft"].pop("lora")
+        out["peft"].update(lora)
+        return _plain(out)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+_SECTIONS = {"model": ModelSection, "peft": PeftSection, "data": DataSection,
+             "train": TrainSection, "eval": EvalSection, "mesh": MeshSection}
+
+
+# names from the Hugging Face Trainer / other tools -> ours
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs",
+           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "accum_steps",
+           "max_seq_length": "max_length", "lora_r": "r", "lr_scheduler_type": "schedule",
+           "gradient_checkpointing": "remat", "model_name_or_path": "path", "dataset": "source"}
+
+
+def _closest(key: str, valid) -> str:
+    if ALIASES.get(key) in valid:
+        return f"; did you mean '{ALIASES[key]}'?"
+    # a key that extends or abbreviates a valid one ("lrate" -> "lr", "max_len" -> "max_length")
+    stems = sorted((k for k in valid if key.startswith(k) or k.startswith(key)), key=len)
+    if stems:
+        return f"; did you mean '{stems[-1] if key.startswith(stems[-1]) else stems[0]}'?"
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """Checks ``value`` against a field's annotation (``int``, ``float``, ``str | None``,
+    ``tuple[str, ...]``, ``dict`` ...) and converts lists to tuples and ints to floats."""
+    if isinstance(hint, str):
+        hint = eval(hint, {"typing": typing})  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(where, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(f"{where}[{i}]", v, inner) for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return value
+    return value
+
+
+def _section(name: str, cls, raw: Any):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{name}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"lora"}
+    kwargs, lora = {}, {}
+    for key, value in raw.items():
+        if key in fields:
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        elif cls is PeftSection and key in _LORA_FIELDS:
+            lora[key] = value
+        else:
+            valid = sorted(fields | (set(_LORA_FIELDS) if cls is PeftSection else set()))
+            raise ConfigError(f"unknown key '{name}.{key}'{_closest(key, valid)}")
+    if cls is PeftSection:
+        kwargs["lora"] = lora
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"config section '{name}': {e}") from None
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    """Validates a nested dict (parsed YAML) into a :class:`RunConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config is a mapping of sections, got {type(raw).__name__}")
+    valid = list(_SECTIONS) + ["output_dir"]
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(f"unknown top-level key '{key}'{_closest(key, valid)}")
+    for required in ("model", "data", "train"):
+        if required not in raw:
+            raise ConfigError(f"the config has no '{required}' section")
+    out_dir = raw.get("output_dir", "runs/run")
+    if not isinstance(out_dir, str) or not out_dir:
+        raise ConfigError(f"output_dir={out_dir!r}: expected a directory path")
+    sections = {name: _section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    return RunConfig(**sections, output_dir=out_dir)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Applies ``section.key=value`` strings (value parsed as YAML) to a nested dict copy."""
+    import copy
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    """Reads a YAML run config, applies overrides, validates. Raises :class:`ConfigError`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return config_from_dict(apply_overrides(raw, list(overrides)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

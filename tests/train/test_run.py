@@ -152,9 +152,30 @@ def test_sigint_saves_and_nan_stops(tiny_bert, tmp_path):
     assert all(np.isfinite(v) for v in losses.values()) and max(losses) == good
 
 
+def tensorboard_scalars(directory, tag):
+    """Values of ``tag`` in the TFRecord event files (length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    values = []
+    for name in sorted(os.listdir(directory)):
+        data = open(os.path.join(directory, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            values += [v.simple_value for v in event.summary.value if v.tag == tag]
+    return values
+
+
 def test_eval_export_merge_commands(tiny_bert, tmp_path):
     cfg, out = write_config(tmp_path, tiny_bert, "full", train={"steps": 4, "save_every": 2})
     cli("train", cfg, check=0)
+    # TensorBoard scalars next to metrics.jsonl (tensorboardX is in the test extra)
+    jsonl = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert tensorboard_scalars(os.path.join(out, "tensorboard"), "train/loss") == pytest.approx(
+        [r["loss"] for r in jsonl if "split" not in r], rel=1e-6)
     proc = cli("eval", cfg, "--split", "test", check=0)
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     summary = json.load(open(os.path.join(out, "summary.json")))

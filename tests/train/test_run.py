@@ -93,6 +93,8 @@ def test_sigkill_and_resume_is_bit_identical(tiny_bert, tmp_path):
     print(f"kill points (seed {seed}): {kills}")
     cfg_a, out_a = write_config(tmp_path, tiny_bert, "straight")
     cli("train", cfg_a, check=0)
+    # saved every 2 steps, the newest keep_checkpoints=2 kept
+    assert sorted(os.listdir(os.path.join(out_a, "checkpoints")), key=int) == ["10", "12"]
     cfg_b, out_b = write_config(tmp_path, tiny_bert, "killed")
     resumed_from = []
     for i, k in enumerate(kills):

@@ -223,7 +223,6 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; set train.resume=true to "
                               "continue that run, or choose another output_dir")
     os.makedirs(out_dir, exist_ok=True)
-    save_config(cfg, os.path.join(out_dir, "config.yaml"))
     task = run_task(cfg)
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, padding_side="left",
@@ -233,6 +232,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     print_fn(f"data: {splits.rows['train']} train / {splits.rows['validation']} validation / "
              f"{splits.rows['test']} test rows -> {len(splits.train)} training examples; "
              f"buckets {list(splits.buckets)}")
+    if task == "sequence_classification" and cfg.model.num_labels is None and splits.num_labels:
+        # pin the class count the data implies, so the saved config rebuilds the same head
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 num_labels=splits.num_labels))
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
     model, heads = build_model(cfg, num_labels=splits.num_labels)
     mesh = make_mesh(cfg.mesh.mesh_config())
     graphdef, trainable, frozen = split_model(model, modules=heads)

@@ -182,6 +182,8 @@ def test_eval_export_merge_commands(tiny_bert, tmp_path):
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert result["step"] == 4 and result["accuracy"] == summary["test"]["accuracy"]
+    proc = cli("eval", os.path.join(out, "config.yaml"), "--split", "test", check=0)  # the run's copy
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == result["accuracy"]
     cli("export", cfg, "--out", str(tmp_path / "exported"), "--step", "2", check=0)
     assert os.path.isfile(tmp_path / "exported" / "adapter_model.safetensors")
     cli("merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),

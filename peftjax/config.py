@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from peftjax.train._optim import SCHEDULES, OptimizerConfig
+from peftjax.train._optim import OptimizerConfig
 from peftjax.train._sharding import MeshConfig
 from peftjax.tuners._lora import LoraConfig
 
@@ -151,24 +151,23 @@ class DataSection:
         _raise("data", p)
 
 
+# OptimizerConfig keys written directly in the train section (``lr`` stands for learning_rate;
+# total_steps comes from steps/epochs)
+_OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig)
+                          if f.name not in ("learning_rate", "total_steps"))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-    """Steps, batch, optimizer (``lr`` and the ``OptimizerConfig`` keys), remat, logging,
-    evaluation and checkpoint cadence. ``steps`` wins over ``epochs`` when both are set."""
+    """Steps, batch, optimizer (``lr`` and the other ``OptimizerConfig`` keys: ``schedule``,
+    ``warmup_steps``, ``weight_decay``, ``max_grad_norm``, ...), remat, logging, evaluation and
+    checkpoint cadence. ``steps`` wins over ``epochs`` when both are set."""
 
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 8
     accum_steps: int = 1
     lr: float = 2e-4
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    final_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
     remat: str = "none"
     dropout: bool = True
     seed: int = 0
@@ -178,6 +177,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     async_checkpointing: bool = True
     resume: bool = False
+    optimizer: dict = dataclasses.field(default_factory=dict)  # filled from the OptimizerConfig keys
 
     def __post_init__(self):
         p: list[str] = []
@@ -187,7 +187,6 @@ class TrainSection:
         _check(p, self.batch_size >= 1, f"batch_size={self.batch_size!r} must be >= 1")
         _check(p, self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
                f"accum_steps={self.accum_steps!r} must be >= 1 and divide batch_size={self.batch_size}")
-        _check(p, self.schedule in SCHEDULES, f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         _check(p, self.lr > 0, f"lr={self.lr!r} must be > 0")
         for name in ("log_every", "eval_every", "save_every"):
             v = getattr(self, name)
@@ -200,15 +199,17 @@ class TrainSection:
             p.append(str(e))
         _raise("train", p)
         try:
-            self.optimizer_config(total_steps=max(self.warmup_steps + 1, self.steps or 0))
+            self.optimizer_config(self.steps)
         except ValueError as e:
             raise ConfigError(f"config section 'train': {e}") from None
 
-    def optimizer_config(self, *, total_steps: int) -> OptimizerConfig:
-        return OptimizerConfig(learning_rate=self.lr, schedule=self.schedule,
-                               warmup_steps=self.warmup_steps, total_steps=total_steps,
-                               final_lr_ratio=self.final_lr_ratio, weight_decay=self.weight_decay,
-                               b1=self.b1, b2=self.b2, eps=self.eps, max_grad_norm=self.max_grad_norm)
+    def optimizer_config(self, total_steps: int | None = None) -> OptimizerConfig:
+        """The optimizer of ``total_steps`` steps. ``None`` when only the optimizer's state
+        layout matters (dry runs, restoring a checkpoint): a decaying schedule then gets the
+        shortest valid length, ``warmup_steps + 1``."""
+        if total_steps is None:
+            total_steps = self.optimizer.get("warmup_steps", 0) + 1
+        return OptimizerConfig(learning_rate=self.lr, total_steps=total_steps, **self.optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,8 +262,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         """Plain nested dict; ``config_from_dict(cfg.to_dict()) == cfg``."""
         out = dataclasses.asdict(self)
-        lora = out["peft"].pop("lora")
-        out["peft"].update(lora)
+        for cls, (bag, _, _) in _PASS_THROUGH.items():
+            section = next(k for k, c in _SECTIONS.items() if c is cls)
+            out[section].update(out[section].pop(bag))
         return _plain(out)
 
 
@@ -299,8 +301,6 @@ def _closest(key: str, valid) -> str:
 def _coerce(where: str, value: Any, hint: Any) -> Any:
     """Checks ``value`` against a field's annotation (``int``, ``float``, ``str | None``,
     ``tuple[str, ...]``, ``dict`` ...) and converts lists to tuples and ints to floats."""
-    if isinstance(hint, str):
-        hint = eval(hint, {"typing": typing})  # noqa: S307 - our own annotations only
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -352,24 +352,30 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# sections whose extra keys are another dataclass's fields, collected in one dict field
+_PASS_THROUGH = {PeftSection: ("lora", LoraConfig, _LORA_FIELDS),
+                 TrainSection: ("optimizer", OptimizerConfig, _OPTIMIZER_FIELDS)}
+
+
 def _section(name: str, cls, raw: Any):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{name}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)} - {"lora"}
-    kwargs, lora = {}, {}
+    bag, target, extra = _PASS_THROUGH.get(cls, (None, None, ()))
+    target_hints = typing.get_type_hints(target) if target else {}
+    fields = {f.name for f in dataclasses.fields(cls)} - {bag}
+    kwargs, passed = {}, {}
     for key, value in raw.items():
         if key in fields:
             kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
-        elif cls is PeftSection and key in _LORA_FIELDS:
-            lora[key] = value
+        elif key in extra:
+            passed[key] = _coerce(f"{name}.{key}", value, target_hints[key])
         else:
-            valid = sorted(fields | (set(_LORA_FIELDS) if cls is PeftSection else set()))
-            raise ConfigError(f"unknown key '{name}.{key}'{_closest(key, valid)}")
-    if cls is PeftSection:
-        kwargs["lora"] = lora
+            raise ConfigError(f"unknown key '{name}.{key}'{_closest(key, sorted(fields | set(extra)))}")
+    if bag:
+        kwargs[bag] = passed
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing

@@ -88,3 +88,16 @@ def test_round_trip_and_yaml_errors(tmp_path):
                                 if f.endswith(".yaml")))
 def test_shipped_configs_validate(name):
     load_config(os.path.join(CONFIGS, name))
+
+
+def test_optimizer_keys_are_typed_and_checked_against_steps():
+    """The train section's OptimizerConfig keys go through the same type checks as its own."""
+    cfg = config_from_dict(minimal(train={"weight_decay": "1e-2", "schedule": "cosine",
+                                          "warmup_steps": 3}))  # YAML 1.1 reads 1e-2 as a string
+    opt = cfg.train.optimizer_config(10)
+    assert opt.weight_decay == 0.01 and opt.schedule == "cosine" and opt.total_steps == 10
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="train.warmup_steps=2.5: expected an integer"):
+        config_from_dict(minimal(train={"warmup_steps": 2.5}))
+    with pytest.raises(ConfigError, match="total_steps=10 must exceed warmup_steps=10"):
+        config_from_dict(minimal(train={"schedule": "linear", "warmup_steps": 10}))

@@ -1,9 +1,9 @@
 """Examples -> fixed-shape padded batches.
 
 Batches are padded to the smallest of a few bucket lengths that holds their longest example,
-so a run compiles at most ``len(buckets)`` train steps (:attr:`BatchStream.shapes_seen` counts
-the ones that occurred). The training order is a seeded permutation per epoch, and the stream's
-position (epoch, batch index) is saved in checkpoints and restored on resume.
+so a run compiles at most ``len(buckets)`` train steps. The training order is a seeded
+permutation per epoch, and the stream's position (epoch, batch index) is saved in checkpoints
+and restored on resume.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def collate(examples: list[dict], *, length: int, batch_size: int, pad_id: int) 
     ignored labels, so a short final eval batch keeps the compiled shape)."""
     ids = np.full((batch_size, length), pad_id, np.int32)
     mask = np.zeros((batch_size, length), np.int32)
-    lm = not np.isscalar(examples[0]["labels"]) and np.ndim(examples[0]["labels"]) == 1
+    lm = np.ndim(examples[0]["labels"]) == 1  # per-token labels; else one class per row
     labels = (np.full((batch_size, length), IGNORE_INDEX, np.int32) if lm
               else np.full((batch_size,), IGNORE_INDEX, np.int32))
     types = np.zeros((batch_size, length), np.int32) if "token_type_ids" in examples[0] else None
@@ -82,7 +82,6 @@ class BatchStream:
         self.seed, self.pad_id = seed, pad_id
         self.batches_per_epoch = len(examples) // batch_size  # the remainder is dropped per epoch
         self.position = StreamPosition()
-        self.shapes_seen: set[int] = set()
         self._order_epoch, self._order = -1, None
 
     def _order_of(self, epoch: int) -> np.ndarray:
@@ -112,7 +111,6 @@ class BatchStream:
         pos.index += 1
         chosen = [self.examples[i] for i in take]
         length = bucket_for(max(len(ex["input_ids"]) for ex in chosen), self.buckets)
-        self.shapes_seen.add(length)
         return collate(chosen, length=length, batch_size=self.batch_size, pad_id=self.pad_id)
 
 

@@ -35,9 +35,7 @@ def dry_run(cfg: RunConfig, *, compile: bool = True) -> dict:
     report = {"model": cfg.model.path, "task": task, "method": cfg.peft.method,
               **param_counts(model, trainable, frozen),
               "frozen_bytes": _nbytes(frozen), "trainable_bytes": _nbytes(trainable)}
-    steps = cfg.train.steps or 1
-    optimizer = make_optimizer(cfg.train.optimizer_config(
-        total_steps=max(steps, cfg.train.warmup_steps + 1)))
+    optimizer = make_optimizer(cfg.train.optimizer_config())  # the state layout is what counts
     opt_state = jax.eval_shape(optimizer.init, trainable)
     report["optimizer_bytes"] = _nbytes(opt_state)
     B = cfg.train.batch_size

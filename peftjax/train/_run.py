@@ -50,7 +50,8 @@ def run_task(cfg: RunConfig) -> str:
     return "sequence_classification" if cfg.data.format == "classification" else "causal_lm"
 
 
-def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool = False):
+def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool = False,
+                progress: bool = True):
     """The model of a run config: loaded (or abstract: shapes only, no weights), with the PEFT
     method applied and the remat policy set. Returns ``(model, head_modules)``, where
     ``head_modules`` is set for ``method: head``."""
@@ -74,7 +75,7 @@ def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool
     if abstract:
         model = abstract_model(m.path, **kw, then=make)
     else:
-        model = make(from_pretrained(m.path, **kw))
+        model = make(from_pretrained(m.path, **kw, progress=progress))
     return model, head_modules(cfg, model)
 
 
@@ -89,7 +90,7 @@ def head_modules(cfg: RunConfig, model) -> tuple[str, ...] | None:
     return heads
 
 
-def param_counts(model, trainable, frozen) -> dict:
+def param_counts(trainable, frozen) -> dict:
     def size(tree):
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     n_train, n_frozen = size(trainable), size(frozen)
@@ -202,6 +203,15 @@ def _total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * batches_per_epoch))
 
 
+def _better(best: dict | None, result: dict, metric: str, step: int) -> dict | None:
+    """The new best ``{"metric", "value", "step"}`` (lower loss, higher anything else)."""
+    value = result.get(metric)
+    if value is None or (best is not None and (value >= best["value"] if metric == "loss"
+                                               else value <= best["value"])):
+        return best
+    return {"metric": metric, "value": value, "step": step}
+
+
 def _fmt(result: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
 
@@ -237,11 +247,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                  num_labels=splits.num_labels))
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    model, heads = build_model(cfg, num_labels=splits.num_labels)
+    model, heads = build_model(cfg, num_labels=splits.num_labels, progress=progress)
     mesh = make_mesh(cfg.mesh.mesh_config())
     graphdef, trainable, frozen = split_model(model, modules=heads)
     trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
-    counts = param_counts(model, trainable, frozen)
+    counts = param_counts(trainable, frozen)
     print_fn(f"model: {type(model.base_model if isinstance(model, PeftModel) else model).__name__}"
              f" ({cfg.peft.method}); trainable {counts['trainable']:,d} of {counts['total']:,d} "
              f"parameters ({counts['trainable_pct']:.3f}%)")
@@ -249,7 +259,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     stream = BatchStream(splits.train, batch_size=cfg.train.batch_size, buckets=splits.buckets,
                          seed=cfg.data.shuffle_seed, pad_id=tok.pad_token_id)
     total = _total_steps(cfg, stream.batches_per_epoch)
-    opt_cfg = cfg.train.optimizer_config(total_steps=max(total, cfg.train.warmup_steps + 1))
+    opt_cfg = cfg.train.optimizer_config(total)
     optimizer, schedule = make_optimizer(opt_cfg), make_schedule(opt_cfg)
     opt_state = optimizer.init(trainable)
     base_key = jax.random.key(cfg.train.seed)
@@ -270,7 +280,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     train_step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps)
     evaluator = Evaluator(cfg, graphdef, task, tok, splits.buckets, mesh)
     log = _MetricsLog(out_dir)
-    compiled, compile_s = {}, 0.0
+    compiled, compile_s, step_s = {}, 0.0, 0.0
     metric_name = "accuracy" if task != "causal_lm" else "loss"
     if cfg.eval.generation and cfg.data.format == "instruction":
         metric_name = "generation_accuracy"
@@ -307,7 +317,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     try:
         with _stop_on_signals() as stop:
             while step < total:
-                batch = shard_batch(next(stream), mesh)
+                host_batch = next(stream)
+                batch = shard_batch(host_batch, mesh)
                 key = jax.random.fold_in(base_key, step) if cfg.train.dropout else None
                 length = batch["input_ids"].shape[1]
                 if length not in compiled:
@@ -330,11 +341,13 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                         f"good checkpoint is {f'{ckpt_dir}/{kept}' if kept is not None else 'none'}"
                         ". Lower train.lr, raise warmup_steps, or keep max_grad_norm set.")
                 step += 1
-                window["t"] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                window["t"] += dt
+                step_s += dt
                 window["loss"] += loss
                 window["acc"] += float(metrics["accuracy"])
                 window["n"] += 1
-                window["tokens"] += int(np.asarray(batch["attention_mask"]).sum())
+                window["tokens"] += int(host_batch["attention_mask"].sum())
                 bar.update(1)
                 if window["n"] and (step % cfg.train.log_every == 0 or step == total):
                     record = {"step": step, "loss": window["loss"] / window["n"],
@@ -348,14 +361,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                     window = {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0}
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-                    result = evaluate("validation", splits.validation)
-                    value = result.get(metric_name)
-                    if value is not None and (best is None or (value < best["value"]
-                                              if metric_name == "loss" else value > best["value"])):
-                        best = {"metric": metric_name, "value": value, "step": step}
+                    best = _better(best, evaluate("validation", splits.validation), metric_name,
+                                   step)
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
                     save("interval")
-                if fault_step == step:  # fault injection for the resume tests (see below)
+                if fault_step == step:  # fault injection for the resume tests (see above)
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stop["signal"]:
                     interrupted = stop["signal"]
@@ -367,11 +377,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
             print_fn(f"{interrupted}: saved a checkpoint at step {step} in {ckpt_dir}; continue "
                      "with train.resume=true")
         else:
-            result = evaluate("validation", splits.validation)
-            value = result.get(metric_name)
-            if value is not None and (best is None or (value < best["value"] if metric_name == "loss"
-                                                       else value > best["value"])):
-                best = {"metric": metric_name, "value": value, "step": step}
+            best = _better(best, evaluate("validation", splits.validation), metric_name, step)
             if splits.test:
                 history["test"] = evaluate("test", splits.test)
             nnx.update(model, trainable)
@@ -386,9 +392,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         ckpt.close()
         log.close()
     summary = {"steps": step, "total_steps": total, "interrupted": interrupted, **counts,
-               "train_seconds": round(time.perf_counter() - t_start, 1),
-               "compile_seconds": round(compile_s, 1), "compiled_shapes": sorted(compiled),
-               "best": best, **{k: v for k, v in history.items()}, **_peak_memory()}
+               # run: everything in this call (data, model load, evaluations, compiles, steps);
+               # steps: the train steps themselves, this session only (not before a resume)
+               "run_seconds": round(time.perf_counter() - t_start, 1),
+               "step_seconds": round(step_s, 1), "compile_seconds": round(compile_s, 1),
+               "compiled_shapes": sorted(compiled), "best": best, **history, **_peak_memory()}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if not interrupted:
@@ -397,8 +405,9 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
 
 
 def _summary_text(s: dict) -> str:
-    lines = [f"done: {s['steps']} steps in {s['train_seconds']} s (compile {s['compile_seconds']} s, "
-             f"{len(s['compiled_shapes'])} train-step shape(s) {s['compiled_shapes']})",
+    lines = [f"done: {s['steps']} steps; {s['run_seconds']} s in all, {s['step_seconds']} s in train "
+             f"steps, {s['compile_seconds']} s compiling {len(s['compiled_shapes'])} train-step "
+             f"shape(s) {s['compiled_shapes']}",
              f"trainable {s['trainable']:,d} / {s['total']:,d} parameters "
              f"({s['trainable_pct']:.3f}%)"]
     if s.get("best"):
@@ -428,10 +437,9 @@ def load_trained_model(cfg: RunConfig, *, step: int | None = None, progress: boo
         step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint for step {step}; have {steps}")
-        model, heads = build_model(cfg)
+        model, heads = build_model(cfg, progress=progress)
         graphdef, trainable, frozen = split_model(model, modules=heads)
-        optimizer = make_optimizer(cfg.train.optimizer_config(
-            total_steps=max(cfg.train.steps or 1, cfg.train.warmup_steps + 1)))
+        optimizer = make_optimizer(cfg.train.optimizer_config())
         opt_abstract = jax.eval_shape(optimizer.init, trainable)
         rng = jax.random.key_data(jax.random.key(0))
         state, _ = ckpt.restore(step, like={"trainable": trainable, "opt_state": opt_abstract,

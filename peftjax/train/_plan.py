@@ -33,7 +33,7 @@ def dry_run(cfg: RunConfig, *, compile: bool = True) -> dict:
     model, heads = build_model(cfg, abstract=True)
     graphdef, trainable, frozen = split_model(model, modules=heads)
     report = {"model": cfg.model.path, "task": task, "method": cfg.peft.method,
-              **param_counts(model, trainable, frozen),
+              **param_counts(trainable, frozen),
               "frozen_bytes": _nbytes(frozen), "trainable_bytes": _nbytes(trainable)}
     optimizer = make_optimizer(cfg.train.optimizer_config())  # the state layout is what counts
     opt_state = jax.eval_shape(optimizer.init, trainable)

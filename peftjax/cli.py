@@ -3,6 +3,7 @@
     peftjax train CONFIG.yaml [KEY=VALUE ...] [--dry-run]   train (or plan) a run
     peftjax eval CONFIG.yaml [KEY=VALUE ...] [--split S] [--step N]
     peftjax export CONFIG.yaml [KEY=VALUE ...] --out DIR [--step N]   PEFT-format adapter
+    peftjax memory CONFIG.yaml [KEY=VALUE ...] [--json FILE]   device memory of the train step
     peftjax merge --model PATH --adapter DIR --out DIR [--dtype D]    merged HF checkpoint
     peftjax generate --model PATH [--adapter DIR] [--chat] PROMPT ...
 
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p = sub.add_parser("memory", help="plan the train step's device memory (compiles on "
+                       "abstract shapes; no weights)")
+    _add_config(p)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF checkpoint)")
     p.add_argument("--model", required=True, help="base model: directory, Hub id or pkg:NAME")
     p.add_argument("--adapter", required=True, help="PEFT-format adapter directory")
@@ -96,6 +101,18 @@ def _export(args) -> int:
     return 0
 
 
+def _memory(args) -> int:
+    import json
+
+    from peftjax.train._plan import format_memory, memory_plan
+    report = memory_plan(_load(args))
+    print(format_memory(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 def _merge(args) -> int:
     from peftjax.checkpoint import read_config
     from peftjax.models import CheckpointError, from_pretrained, save_pretrained
@@ -139,12 +156,17 @@ def _generate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "export": _export, "merge": _merge,
+COMMANDS = {"train": _train, "eval": _eval, "export": _export, "memory": _memory, "merge": _merge,
             "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if (args.command == "memory" or getattr(args, "dry_run", False)) and "jax" not in sys.modules:
+        # plan with XLA:CPU's memory-minimising scheduler (its default favours concurrency and
+        # keeps buffers alive that GPU/TPU schedulers would free)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     from peftjax.checkpoint import CheckpointMismatchError
     from peftjax.config import ConfigError
     from peftjax.models import CheckpointError, UnsupportedConfigError

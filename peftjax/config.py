@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from peftjax.quant._formats import QuantConfig
 from peftjax.train._optim import OptimizerConfig
 from peftjax.train._sharding import MeshConfig
 from peftjax.tuners._lora import LoraConfig
@@ -233,6 +234,33 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizationSection:
+    """4-bit storage of the frozen linear layers (QLoRA). ``quant_type``: ``nf4``, ``fp4`` or
+    null (off, the default). The other keys are :class:`peftjax.quant.QuantConfig`'s; a
+    transformers ``BitsAndBytesConfig`` name (``bnb_4bit_quant_type``, ...) is answered with
+    the name to use."""
+
+    quant_type: str | None = None
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    blocksize: int = 64
+    skip_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        try:
+            self.quant_config()
+        except ValueError as e:
+            raise ConfigError(f"config section 'quantization': {e}") from None
+
+    def quant_config(self) -> QuantConfig | None:
+        if self.quant_type is None:
+            return None
+        kw = {} if self.skip_modules is None else {"skip_modules": self.skip_modules}
+        return QuantConfig(self.quant_type, self.double_quant, self.compute_dtype, self.blocksize,
+                           **kw)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSection:
     data: int = -1
     fsdp: int = 1
@@ -257,6 +285,7 @@ class RunConfig:
     peft: PeftSection = dataclasses.field(default_factory=PeftSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    quantization: QuantizationSection = dataclasses.field(default_factory=QuantizationSection)
     output_dir: str = "runs/run"
 
     def to_dict(self) -> dict:
@@ -277,14 +306,17 @@ def _plain(x):
 
 
 _SECTIONS = {"model": ModelSection, "peft": PeftSection, "data": DataSection,
-             "train": TrainSection, "eval": EvalSection, "mesh": MeshSection}
+             "train": TrainSection, "eval": EvalSection, "mesh": MeshSection,
+             "quantization": QuantizationSection}
 
 
 # names from the Hugging Face Trainer / other tools -> ours
 ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs",
            "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "accum_steps",
            "max_seq_length": "max_length", "lora_r": "r", "lr_scheduler_type": "schedule",
-           "gradient_checkpointing": "remat", "model_name_or_path": "path", "dataset": "source"}
+           "gradient_checkpointing": "remat", "model_name_or_path": "path", "dataset": "source",
+           "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+           "bnb_4bit_compute_dtype": "compute_dtype", "llm_int8_skip_modules": "skip_modules"}
 
 
 def _closest(key: str, valid) -> str:

@@ -66,6 +66,12 @@ class Linear(nnx.Module):
             y = y + param_value(self.bias).astype(self.dtype)
         return y
 
+    def rebuild_kwargs(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (without ``rngs``)."""
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    use_bias=self.bias is not None, axes=self.kernel.get_metadata()["axes"],
+                    dtype=self.dtype, param_dtype=param_value(self.kernel).dtype)
+
 
 class Conv1D(Linear):
     """GPT-2's ``Conv1D``: a linear layer whose HF ``weight`` is already stored [in, out]."""

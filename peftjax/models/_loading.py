@@ -161,20 +161,34 @@ def _resolve(name_or_path: str, task: str | None, num_labels: int | None, revisi
 
 def abstract_model(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
                    dtype: Any = jnp.float32, param_dtype: Any = None, revision: str | None = None,
-                   seed: int = 0, then=None) -> nnx.Module:
+                   seed: int = 0, then=None, quantization=None) -> nnx.Module:
     """The model :func:`from_pretrained` would return, with ``jax.ShapeDtypeStruct`` leaves
     instead of weights: reads only ``config.json`` (for planning memory and dry runs).
-    ``then(model) -> model`` (e.g. adding adapters) runs inside the same abstract evaluation."""
+    ``then(model) -> model`` (e.g. adding adapters) runs inside the same abstract evaluation;
+    ``quantization`` (a QuantConfig) gives the 4-bit layers their packed shapes."""
     dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype or dtype)
     _, _, cfg, cls = _resolve(name_or_path, task, num_labels, revision, config_only=True)
     then = then or (lambda m: m)
-    return nnx.eval_shape(lambda: then(_build(cls, cfg, dtype, jnp.dtype(param_dtype or dtype),
-                                              seed)))
+
+    def build():
+        model = _build(cls, cfg, dtype, param_dtype, seed)
+        if quantization is not None:
+            from peftjax.quant import _io
+            from peftjax.tuners._targets import get_submodule, set_submodule
+            for name in _io.quantize_targets(model, quantization):
+                set_submodule(model, name, _io.empty_quantized(
+                    get_submodule(model, name), quant_type=quantization.quant_type,
+                    blocksize=quantization.blocksize, double_quant=quantization.double_quant,
+                    dtype=jnp.dtype(quantization.compute_dtype), weight_dtype=param_dtype))
+        return then(model)
+
+    return nnx.eval_shape(build)
 
 
 def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = None, revision: str | None = None,
-                    seed: int = 0, progress: bool = True) -> nnx.Module:
+                    seed: int = 0, progress: bool = True, quantization=None) -> nnx.Module:
     """Loads a Hugging Face checkpoint into a peftjax (Flax NNX) model.
 
     Args:
@@ -189,6 +203,11 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
       param_dtype: storage dtype of the weights (default: ``dtype``).
       seed: initialises heads the checkpoint does not have (e.g. a classifier on a base model);
         they are reported as newly initialised.
+      quantization: a :class:`peftjax.quant.QuantConfig` to store the linear layers in 4 bits
+        (QLoRA). Each weight is quantized as it is read, so memory holds the 4-bit model plus
+        one full-precision tensor, never the full-precision model. A checkpoint that
+        transformers saved with bitsandbytes 4-bit (``quantization_config`` in config.json)
+        loads its 4-bit layers as stored, with or without this argument.
 
     Raises:
       CheckpointError: missing/unexpected weights, shape mismatches, corrupt files, bad paths.
@@ -203,16 +222,19 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
     param_dtype = jnp.dtype(param_dtype or dtype)
     model_dir, config_path, cfg, cls = _resolve(name_or_path, task, num_labels, revision)
     model = nnx.eval_shape(lambda: _build(cls, cfg, dtype, param_dtype, seed))
-    expected = hf_param_paths(model)
     index = _checkpoint_index(model_dir)
+    quantized = _plan_quantized(model, cfg, index, quantization, dtype, param_dtype)
+    expected = hf_param_paths(model)
     prefix = getattr(model, "base_model_prefix", None)
-    mapping, inside = _align_keys(set(expected), list(index), prefix)
-
+    mapping, inside = _align_keys(set(expected) | {k for q in quantized.values() for k in q["keys"]},
+                                  list(index), prefix)
     new_heads = tuple(p + "." for p in getattr(cls, "new_head_params", ()))
     missing = [k for k in expected if k not in mapping]
     fresh = [k for k in missing if k.startswith(new_heads)]
     missing = [k for k in missing if k not in fresh]
-    unused = [k for k in mapping if k not in expected and not _BUFFERS.search(k)
+    consumed = {k for q in quantized.values() for k in q["keys"]}
+    missing += [k for q in quantized.values() for k in q["keys"][:1] if k not in mapping]
+    unused = [k for k in mapping if k not in expected and k not in consumed and not _BUFFERS.search(k)
               and not (k == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))]
     problems = []
     if missing:
@@ -243,6 +265,13 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
         if tuple(have) != tuple(want):
             problems.append(f"weight {key}: checkpoint shape {tuple(f.shape(mapping[key]))} but the "
                             f"config implies {tuple(want[::-1] if transposed else want)}.")
+    for name, q in quantized.items():
+        key = q["keys"][0]
+        if q["mode"] == "quantize" and key in mapping:
+            have = open_file(index[mapping[key]]).shape(mapping[key])
+            if tuple(have) != q["shape"]:
+                problems.append(f"weight {key}: checkpoint shape {tuple(have)} but the config "
+                                f"implies {q['shape']}.")
     if problems:
         raise CheckpointError(f"cannot load {model_dir} as {cls.__name__}:\n- " + "\n- ".join(problems))
     if unused:
@@ -257,6 +286,9 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
         arr = open_file(index[mapping[key]])[mapping[key]]
         arr = np.asarray(arr.T if transposed else arr).astype(param_dtype)
         values[path] = jnp.asarray(arr)
+    if quantized:
+        values.update(_load_quantized(model, quantized, mapping, index, open_file, param_dtype,
+                                      progress))
     if fresh:
         fresh_paths = [expected[k][0] for k in fresh]
         # Building the whole model under jit and returning only the new leaves lets XLA drop the
@@ -272,6 +304,97 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
     return model
 
 
+def _plan_quantized(model, cfg, index, quantization, dtype, param_dtype) -> dict[str, dict]:
+    """Swaps the layers to be stored in 4 bits for abstract QuantizedLinear layers (in place)
+    and returns ``{layer name: {mode, keys, shape}}`` (mode ``quantize`` or ``bitsandbytes``)."""
+    qcfg = (cfg.hf_config.get("quantization_config") or {})
+    prequantized = qcfg.get("quant_method") == "bitsandbytes" and (
+        qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
+    if not quantization and not prequantized:
+        if qcfg.get("quant_method"):
+            raise UnsupportedConfigError(
+                f"this checkpoint is quantized with {qcfg.get('quant_method')!r} "
+                f"({'8-bit' if qcfg.get('load_in_8bit') else 'an unsupported layout'}); peftjax "
+                "loads bitsandbytes 4-bit checkpoints and full-precision ones.")
+        return {}
+    from peftjax.quant import _io
+    from peftjax.tuners._targets import get_submodule, set_submodule
+    plan = {}
+    if prequantized:
+        # checkpoint names are the model's up to the backbone prefix; match by suffix
+        names = {n for n, _ in _io.named_modules(model)}
+        prefix = getattr(model, "base_model_prefix", None)
+        for ckpt_layer, qtype in _io.bnb_layers(index).items():
+            name = ckpt_layer if ckpt_layer in names else (
+                f"{prefix}.{ckpt_layer}" if prefix and f"{prefix}.{ckpt_layer}" in names else
+                ckpt_layer.split(".", 1)[-1])
+            if name not in names:
+                raise CheckpointError(f"4-bit layer {ckpt_layer} of the checkpoint has no place "
+                                      "in the model; config.json and the weights disagree.")
+            meta = _io.bnb_meta(lambda k: SafetensorsFile(index[k])[k], ckpt_layer, qtype)
+            layer = get_submodule(model, name)
+            compute = jnp.dtype(getattr(quantization, "compute_dtype", None) or dtype)
+            q = nnx.eval_shape(lambda: _io.empty_quantized(
+                layer, quant_type=qtype, blocksize=int(meta["blocksize"]),
+                double_quant=ckpt_layer + ".weight.nested_absmax" in index, dtype=compute,
+                weight_dtype=jnp.dtype(meta.get("dtype", "float32"))))
+            set_submodule(model, name, q)
+            plan[name] = {"mode": "bitsandbytes", "keys": _io.bnb_keys(name, qtype),
+                          "ckpt_layer": ckpt_layer, "quant_type": qtype}
+        return plan
+    for name in _io.quantize_targets(model, quantization):
+        layer = get_submodule(model, name)
+        q = nnx.eval_shape(lambda: _io.empty_quantized(
+            layer, quant_type=quantization.quant_type, blocksize=quantization.blocksize,
+            double_quant=quantization.double_quant, dtype=jnp.dtype(quantization.compute_dtype),
+            weight_dtype=param_dtype))
+        set_submodule(model, name, q)
+        plan[name] = {"mode": "quantize", "keys": [name + ".weight"],
+                      "shape": (layer.out_features, layer.in_features)}
+    return plan
+
+
+def _load_quantized(model, plan, mapping, index, open_file, param_dtype, progress) -> dict:
+    """Flat-state values of the 4-bit layers, one layer at a time (quantizing float weights
+    as they are read, or reading bitsandbytes' bytes)."""
+    from peftjax.quant import _io, quantize_4bit
+    from peftjax.tuners._targets import get_submodule
+
+    def read(key):
+        if key not in mapping:
+            raise CheckpointError(f"4-bit layer {key.split('.weight')[0]}: the checkpoint lacks "
+                                  f"{key!r}; it is incomplete or not a bitsandbytes checkpoint.")
+        return open_file(index[mapping[key]])[mapping[key]]
+
+    def has(key):
+        return key in mapping
+
+    values = {}
+    desc = "Quantizing to 4 bits" if any(q["mode"] == "quantize" for q in plan.values()) else \
+        "Reading 4-bit layers"
+    for name, q in tqdm(plan.items(), desc=desc, unit="layer", disable=not progress):
+        layer = get_submodule(model, name)
+        if q["mode"] == "quantize":
+            w_OxI = jnp.asarray(np.asarray(read(q["keys"][0])).astype(param_dtype))
+            packed, state = quantize_4bit(w_OxI, quant_type=layer.quant_type,
+                                          blocksize=layer.blocksize,
+                                          double_quant=layer.double_quant)
+            del w_OxI
+        else:
+            packed, state = _io.read_bnb_layer(read, has, name, q["quant_type"])
+            if tuple(state.shape) != (layer.out_features, layer.in_features):
+                raise CheckpointError(f"4-bit weight {name}: shape {tuple(state.shape)} but the "
+                                      f"config implies {(layer.out_features, layer.in_features)}.")
+        path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+        values[path + ("packed",)] = jnp.asarray(packed, jnp.uint8).reshape(layer.out_features, -1)
+        values[path + ("absmax",)] = jnp.asarray(state.absmax).reshape(layer.out_features, -1)
+        if layer.double_quant:
+            values[path + ("nested_absmax",)] = jnp.asarray(state.nested_absmax, jnp.float32)
+            values[path + ("offset",)] = jnp.asarray(state.offset, jnp.float32).reshape(())
+            values[path + ("nested_code",)] = jnp.asarray(state.nested_code, jnp.float32)
+    return values
+
+
 def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int = 5 * 2**30,
                     dtype: Any = None) -> None:
     """Writes ``model`` as a Hugging Face checkpoint: ``config.json`` + safetensors (sharded with
@@ -280,6 +403,11 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
     half-written file under a final name."""
     cfg = model.config
     task = task_of(model)
+    from peftjax.quant._io import has_quantized
+    if has_quantized(model):
+        raise ValueError("this model has 4-bit layers; save_pretrained writes full-precision "
+                         "checkpoints. Call peftjax.quant.dequantize_model(model) first (or "
+                         "PeftModel.merge_and_unload(), which also dequantizes adapted layers).")
     os.makedirs(directory, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     tensors = {}

@@ -65,6 +65,37 @@ def dry_run(cfg: RunConfig, *, compile: bool = True) -> dict:
     return report
 
 
+def memory_plan(cfg: RunConfig) -> dict:
+    """Where the train step's device memory goes, from XLA's own buffer sizes for the compiled
+    step (no weights are loaded; it runs on CPU): frozen weights, trainable parameters and
+    optimizer state are the step's arguments; gradients (one per trainable parameter) and
+    activations are in its temporaries, of which gradients are counted as the trainable size
+    and the rest is activations and other temporaries."""
+    r = dry_run(cfg, compile=True)
+    if "temp_bytes" not in r:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
+    r["gradient_bytes"] = r["trainable_bytes"]
+    r["activation_bytes"] = max(r["temp_bytes"] - r["gradient_bytes"], 0)
+    r["batch_bytes"] = max(r["argument_bytes"] - r["frozen_bytes"] - r["trainable_bytes"]
+                           - r["optimizer_bytes"], 0)
+    return r
+
+
+def format_memory(r: dict) -> str:
+    rows = [("frozen weights", r["frozen_bytes"]), ("trainable parameters", r["trainable_bytes"]),
+            ("gradients", r["gradient_bytes"]), ("optimizer state", r["optimizer_bytes"]),
+            ("activations + temporaries", r["activation_bytes"]),
+            ("batch and other arguments", r["batch_bytes"]),
+            ("outputs not aliased to inputs", r["output_bytes"] - r["alias_bytes"])]
+    width = max(len(n) for n, _ in rows)
+    lines = [f"model {r['model']} ({r['task']}, {r['method']}); {r['total']:,d} parameters, "
+             f"{r['trainable']:,d} trainable; batch {r['batch'][0]}x{r['batch'][1]}; XLA "
+             f"{r['backend']} compiled in {r['compile_seconds']} s"]
+    lines += [f"  {n:<{width}}  {b / 2**30:9.3f} GiB" for n, b in rows]
+    lines.append(f"  {'total (XLA)':<{width}}  {r['total_bytes'] / 2**30:9.3f} GiB")
+    return "\n".join(lines)
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB"
 

@@ -58,7 +58,7 @@ def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool
     m, task = cfg.model, run_task(cfg)
     kw = dict(task=task, num_labels=m.num_labels or num_labels, dtype=jnp.dtype(m.dtype),
               param_dtype=jnp.dtype(m.param_dtype or m.dtype), revision=m.revision,
-              seed=cfg.train.seed)
+              seed=cfg.train.seed, quantization=cfg.quantization.quant_config())
     if task not in ("sequence_classification", "token_classification"):
         kw.pop("num_labels")
 
@@ -90,9 +90,22 @@ def head_modules(cfg: RunConfig, model) -> tuple[str, ...] | None:
     return heads
 
 
+_QUANT_STATE = ("absmax", "nested_absmax", "offset", "nested_code")
+
+
 def param_counts(trainable, frozen) -> dict:
+    """Parameter counts; a 4-bit weight counts two parameters per packed byte and its
+    quantization state (absmax, ...) counts none."""
     def size(tree):
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+        n = 0
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+            names = [n for n in names if n != "value"]
+            last = names[-1] if names else ""
+            if last in _QUANT_STATE:
+                continue
+            n += int(np.prod(x.shape)) * (2 if last == "packed" else 1)
+        return n
     n_train, n_frozen = size(trainable), size(frozen)
     return {"trainable": n_train, "total": n_train + n_frozen,
             "trainable_pct": 100.0 * n_train / max(n_train + n_frozen, 1)}

@@ -185,11 +185,13 @@ class LoraMixin:
 
     def __init__(self, base: Linear, *, r: int, scaling: float, dropout: float, init,
                  site: int, rngs: nnx.Rngs):
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.dtype = base.dtype
-        self.kernel, self.bias = base.kernel, base.bias
+        # take over the base layer's attributes (its weights stay where they were, so base
+        # checkpoints load unchanged); a 4-bit base brings its packed storage along
+        self._base_attrs = tuple(k for k in vars(base) if not k.startswith("_"))
+        for k in self._base_attrs:
+            setattr(self, k, getattr(base, k))
         self.r, self.scaling, self.merged = r, float(scaling), False
-        pdt = param_value(base.kernel).dtype
+        pdt = base.kernel.dtype
         pdt = jnp.float32 if jnp.issubdtype(pdt, jnp.floating) and jnp.finfo(pdt).bits < 32 else pdt
         k_a, k_b = rngs.params(), rngs.params()
         bound_a = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)), as torch/PEFT
@@ -220,6 +222,11 @@ class LoraMixin:
             h, param_value(self.lora_A), param_value(self.lora_B))
 
     def merge(self) -> None:
+        if getattr(self, "packed", None) is not None:
+            raise TypeError(
+                "cannot merge LoRA into a 4-bit weight in place: merging needs the float weight. "
+                "Use PeftModel.merge_and_unload() (it dequantizes the adapted layers) and, to "
+                "store 4 bits again, peftjax.quant.quantize_model (it reports the error).")
         if not self.merged:
             k = param_value(self.kernel)
             self.kernel[...] = (k.astype(jnp.float32) + self.delta_IxO()).astype(k.dtype)
@@ -233,13 +240,18 @@ class LoraMixin:
 
     def unloaded(self) -> Linear:
         """The plain base-class layer holding this layer's (possibly merged) weights."""
-        plain = nnx.eval_shape(lambda: self.base_cls(self.in_features, self.out_features,
-                                                use_bias=self.bias is not None,
-                                                axes=self.kernel.get_metadata()["axes"],
-                                                dtype=self.dtype,
-                                                param_dtype=param_value(self.kernel).dtype,
-                                                rngs=nnx.Rngs(0)))
-        plain.kernel, plain.bias = self.kernel, self.bias
+        plain = nnx.eval_shape(lambda: self.base_cls(**self.rebuild_kwargs(), rngs=nnx.Rngs(0)))
+        for k in self._base_attrs:
+            setattr(plain, k, getattr(self, k))
+        return plain
+
+    def merged_float(self, dtype=None) -> Linear:
+        """A float ``Linear`` holding base + adapter (dequantizing a 4-bit base)."""
+        base = self.unloaded()
+        plain = base.dequantized(dtype) if hasattr(base, "dequantized") else base
+        k = param_value(plain.kernel)
+        plain.kernel = nnx.Param((k.astype(jnp.float32) + self.delta_IxO()).astype(k.dtype),
+                                 **plain.kernel.get_metadata())
         return plain
 
 

@@ -54,9 +54,18 @@ class PeftModel(nnx.Module):
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nnx.Module:
-        """Merges the adapters and returns the plain base model (no LoRA layers left)."""
-        self.merge_adapter()
+    def merge_and_unload(self, dtype=None) -> nnx.Module:
+        """Merges the adapters and returns the plain base model (no LoRA layers left).
+
+        An adapted 4-bit layer becomes a float ``Linear`` holding dequantized base + adapter
+        (in ``dtype``, default the weight's original dtype), as PEFT does for bitsandbytes
+        layers; ``peftjax.quant.quantize_model`` stores it in 4 bits again and reports the
+        error that costs. Other 4-bit layers stay 4-bit."""
+        for name, layer in self.lora_layers():
+            if getattr(layer, "packed", None) is not None:
+                set_submodule(self.base_model, name, layer.merged_float(dtype))
+            else:
+                layer.merge()
         return self.unload()
 
     def unload(self) -> nnx.Module:

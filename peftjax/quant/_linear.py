@@ -1,0 +1,211 @@
+"""``QuantizedLinear``: a linear layer whose weight is frozen in bitsandbytes' 4-bit format.
+
+It takes the place (and module name) of the ``Linear`` it replaces, so LoRA's
+``target_modules`` select it unchanged and a LoRA layer wraps it like any other linear layer.
+Its storage is a distinct variable type, :class:`QuantWeight`, never an ``nnx.Param``: nothing
+can mark it trainable, and the optimizer never sees it.
+
+Layout: W [out, in] (PyTorch's) is quantized row-major as bitsandbytes does, so with
+``in_features % blocksize == 0`` the bytes are ``packed`` [out, in/2] and the block absmax
+values ``absmax`` [out, in/blocksize] (uint8 codes with double quantization, whose nested
+absmax, offset and code are stored beside them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas.nf4_matmul import nf4_matmul
+from peftjax.models._layers import Linear, param_value
+from peftjax.quant._formats import (CODES, NESTED_BLOCKSIZE, QuantState, block_scales,
+                                    check_format, dequantize_4bit, quantize_4bit)
+
+
+class QuantWeight(nnx.Variable):
+    """Frozen 4-bit storage (packed codes and their quantization state)."""
+
+
+class QuantizedLinear(Linear):
+    """``y = x W^T + b`` with W stored in NF4/FP4; computes in ``dtype``.
+
+    Built empty (zeros of the right shapes, e.g. inside ``nnx.eval_shape``) and filled by
+    :meth:`set_quantized`, or made from a float layer with :meth:`from_linear`.
+    """
+
+    hf_params = {"bias": ("bias", False)}  # the 4-bit weight is read and written by quant/_io
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+                 axes: tuple[str, str], dtype, quant_type: str = "nf4", blocksize: int = 64,
+                 double_quant: bool = True, weight_dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None, init_std: float = 0.02):
+        check_format(quant_type, blocksize)
+        if in_features % blocksize or in_features % 2:
+            raise ValueError(
+                f"a {in_features}->{out_features} linear layer cannot be stored in 4 bits with "
+                f"blocksize {blocksize}: in_features must be a multiple of the blocksize. Keep "
+                "this layer in full precision (QuantConfig.skip_modules) or pick a blocksize "
+                "that divides it.")
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.axes = dtype, axes
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.weight_dtype = jnp.dtype(weight_dtype)  # the dtype W had before quantization
+        n_blocks = out_features * in_features // blocksize
+        out_axis = axes[1]
+        self.packed = QuantWeight(jnp.zeros((out_features, in_features // 2), jnp.uint8),
+                                  axes=(out_axis, None))
+        self.absmax = QuantWeight(jnp.zeros((out_features, in_features // blocksize),
+                                            jnp.uint8 if double_quant else jnp.float32),
+                                  axes=(out_axis, None))
+        if double_quant:
+            self.nested_absmax = QuantWeight(jnp.zeros((-(-n_blocks // NESTED_BLOCKSIZE),),
+                                                       jnp.float32), axes=(None,))
+            self.offset = QuantWeight(jnp.zeros((), jnp.float32), axes=())
+            self.nested_code = QuantWeight(jnp.zeros((256,), jnp.float32), axes=(None,))
+        else:
+            self.nested_absmax = self.offset = self.nested_code = None
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(out_axis,))
+                     if use_bias else None)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def quant_state(self) -> QuantState:
+        dq = self.double_quant
+        return QuantState(
+            absmax=param_value(self.absmax).reshape(-1),
+            nested_absmax=param_value(self.nested_absmax) if dq else None,
+            offset=param_value(self.offset) if dq else None,
+            nested_code=param_value(self.nested_code) if dq else None,
+            shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
+            quant_type=self.quant_type, blocksize=self.blocksize)
+
+    def set_quantized(self, packed, state: QuantState) -> None:
+        """Stores bitsandbytes-layout ``packed`` bytes and ``state`` for W [out, in]."""
+        want = (self.out_features, self.in_features)
+        if tuple(state.shape) != want:
+            raise ValueError(f"quantized weight has shape {tuple(state.shape)}, the layer needs "
+                             f"{want}")
+        if (state.quant_type, state.blocksize, state.double_quant) != (
+                self.quant_type, self.blocksize, self.double_quant):
+            raise ValueError(
+                f"quantized weight is {state.quant_type}/blocksize {state.blocksize}/double_quant="
+                f"{state.double_quant}; the layer was built for {self.quant_type}/"
+                f"{self.blocksize}/{self.double_quant}")
+        self.packed.set_value(jnp.asarray(packed, jnp.uint8).reshape(self.out_features, -1))
+        self.absmax.set_value(jnp.asarray(state.absmax).reshape(self.out_features, -1))
+        if self.double_quant:
+            self.nested_absmax.set_value(jnp.asarray(state.nested_absmax, jnp.float32).reshape(-1))
+            self.offset.set_value(jnp.asarray(state.offset, jnp.float32).reshape(()))
+            self.nested_code.set_value(jnp.asarray(state.nested_code, jnp.float32))
+        self.weight_dtype = jnp.dtype(state.dtype)
+
+    def weight_OxI(self, dtype=None) -> jax.Array:
+        """W [out, in] dequantized (bitsandbytes' ``dequantize_4bit``)."""
+        return dequantize_4bit(param_value(self.packed), self.quant_state(), dtype)
+
+    def scales_OxB(self) -> jax.Array:
+        """Float32 absmax of every block [out, in/blocksize], double quantization undone."""
+        return block_scales(self.quant_state()).reshape(self.out_features, -1)
+
+    @property
+    def kernel(self):  # read-only view, so code written for Linear ([in, out]) still works
+        return _KernelView(self)
+
+    def __call__(self, x):
+        y = nf4_matmul(x.astype(self.dtype), param_value(self.packed), self.scales_OxB(),
+                       code=CODES[self.quant_type], blocksize=self.blocksize, dtype=self.dtype)
+        if self.bias is not None:
+            y = y + param_value(self.bias).astype(self.dtype)
+        return y
+
+    def rebuild_kwargs(self) -> dict:
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    use_bias=self.bias is not None, axes=self.axes, dtype=self.dtype,
+                    quant_type=self.quant_type, blocksize=self.blocksize,
+                    double_quant=self.double_quant, weight_dtype=self.weight_dtype)
+
+    # -- conversion --------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(cls, layer: Linear, *, quant_type="nf4", blocksize=64, double_quant=True,
+                    compute_dtype=None, offset_threads=1) -> QuantizedLinear:
+        """Quantizes a float ``Linear``/``Conv1D`` (its bias stays in full precision)."""
+        kernel_IxO = param_value(layer.kernel)
+        q = nnx.eval_shape(lambda: cls(
+            layer.in_features, layer.out_features, use_bias=layer.bias is not None,
+            axes=tuple(layer.kernel.get_metadata().get("axes", (None, None))),
+            dtype=compute_dtype or layer.dtype, quant_type=quant_type, blocksize=blocksize,
+            double_quant=double_quant, weight_dtype=kernel_IxO.dtype))
+        _materialize(q)
+        packed, state = quantize_4bit(kernel_IxO.T, quant_type=quant_type, blocksize=blocksize,
+                                      double_quant=double_quant, offset_threads=offset_threads)
+        q.set_quantized(packed, state)
+        if layer.bias is not None:
+            q.bias = layer.bias
+        return q
+
+    def dequantized(self, dtype=None) -> Linear:
+        """A float ``Linear`` with this layer's (dequantized) weight and bias."""
+        dtype = jnp.dtype(dtype or self.weight_dtype)
+        plain = nnx.eval_shape(lambda: Linear(
+            self.in_features, self.out_features, use_bias=self.bias is not None, axes=self.axes,
+            dtype=self.dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+        plain.kernel = nnx.Param(self.weight_OxI(dtype).T, axes=self.axes)
+        plain.bias = self.bias
+        return plain
+
+
+class _KernelView:
+    """What ``layer.kernel`` answers for a quantized layer: shape, dtype, metadata and a
+    dequantized value; assignment is refused (the weight is frozen 4-bit storage)."""
+
+    def __init__(self, layer: QuantizedLinear):
+        self._layer = layer
+
+    def __getitem__(self, idx):
+        return self._layer.weight_OxI().T[idx]
+
+    def __setitem__(self, idx, value):
+        raise TypeError("a 4-bit weight cannot be assigned in place; dequantize the layer "
+                        "(QuantizedLinear.dequantized) or requantize a merged copy "
+                        "(peftjax.quant.requantize)")
+
+    @property
+    def shape(self):
+        return (self._layer.in_features, self._layer.out_features)
+
+    @property
+    def dtype(self):
+        return self._layer.weight_dtype
+
+    def get_metadata(self):
+        return {"axes": self._layer.axes}
+
+
+def _materialize(module: nnx.Module) -> None:
+    """Replaces the abstract (ShapeDtypeStruct) values of an eval_shape'd module by zeros."""
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable):
+            v = var.get_value()
+            if isinstance(v, jax.ShapeDtypeStruct):
+                var.set_value(jnp.zeros(v.shape, v.dtype))
+
+
+def requantize_error(w_OxI: jax.Array, *, quant_type="nf4", blocksize=64, double_quant=True):
+    """Quantizes ``w`` and reports what that costs: ``(packed, state, report)`` with report =
+    {max_abs, mean_abs, rel_fro} of (dequantized - w)."""
+    packed, state = quantize_4bit(w_OxI, quant_type=quant_type, blocksize=blocksize,
+                                  double_quant=double_quant)
+    err = (dequantize_4bit(packed, state, jnp.float32) - w_OxI.astype(jnp.float32))
+    ref = jnp.linalg.norm(w_OxI.astype(jnp.float32))
+    report = {"max_abs": float(jnp.max(jnp.abs(err))), "mean_abs": float(jnp.mean(jnp.abs(err))),
+              "rel_fro": float(jnp.linalg.norm(err) / jnp.maximum(ref, 1e-30))}
+    return packed, state, report
+
+
+def is_quantized(module) -> bool:
+    return isinstance(module, QuantizedLinear)
+
+
+__all__ = ["QuantWeight", "QuantizedLinear", "is_quantized", "requantize_error"]

@@ -3,14 +3,16 @@
 The backward pass computes dx = dy @ W with the same dequantize-in-the-tile approach and saves
 only the packed weight and its scales as residuals (never a dequantized copy); there is no dW.
 
-Dispatch (``impl=None``): TPU runs the Pallas kernels; CPU and GPU run the XLA reference.
-(A Mosaic GPU kernel is not written yet, so GPUs use XLA's dequantize-then-dot.) ``impl`` can
-force ``"xla"``, ``"pallas"`` or ``"interpret"`` (the Pallas kernels interpreted, for tests).
+Dispatch (``impl=None``): ``$PEFTJAX_NF4_IMPL`` if set, else ``"xla"`` on every backend, the
+dequantize-then-dot reference. The Pallas kernels (``"pallas"``, written for Mosaic TPU) are
+verified only in interpret mode so far, and there is no Mosaic GPU kernel yet, so they are
+opt-in until a hardware run validates them. ``"interpret"`` runs them on CPU (the tests).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ IMPLS = ("xla", "pallas", "interpret")
 
 
 def default_impl() -> str:
-    return "pallas" if jax.default_backend() == "tpu" else "xla"
+    return os.environ.get("PEFTJAX_NF4_IMPL", "xla")
 
 
 def _tiles(m: int, n: int, k: int, blocksize: int):
@@ -37,63 +39,48 @@ def _tiles(m: int, n: int, k: int, blocksize: int):
     return bm, bn, bk
 
 
-def _pallas_nt(x2, w_packed, scales, code, blocksize, dtype, interpret):
-    m, k = x2.shape
-    bm, bn, bk = _tiles(m, w_packed.shape[0], k, blocksize)
-    mp = -(-m // bm) * bm
-    xp = K.permute_k(jnp.pad(x2, ((0, mp - m), (0, 0))), bk)
-    y = K.matmul_nt(xp, w_packed, scales, code=code, blocksize=blocksize, bm=bm, bn=bn, bk=bk,
-                    dtype=dtype, interpret=interpret)
-    return y[:m]
-
-
-def _pallas_nn(dy2, w_packed, scales, code, blocksize, dtype, interpret):
-    m, n = dy2.shape
-    k = 2 * w_packed.shape[1]
-    bm, bn, bk = _tiles(m, n, k, blocksize)
-    mp = -(-m // bm) * bm
-    dyp = jnp.pad(dy2, ((0, mp - m), (0, 0)))
-    dx = K.matmul_nn(dyp, w_packed, scales, code=code, blocksize=blocksize, bm=bm, bn=bn, bk=bk,
-                     dtype=dtype, interpret=interpret)
-    return K.unpermute_k(dx, bk)[:m]
+def _apply(a, w_packed, scales, code, blocksize, dtype, impl, transpose):
+    """``a @ W.T`` (x [..., K] -> [..., N]) or, with ``transpose``, ``a @ W`` (dy -> dx)."""
+    # The barrier ties the dequantization to its input: XLA may not run it early (holding
+    # every layer's float weight at once) nor merge the forward and backward dequantizations
+    # (which would keep a float copy alive from the forward pass to the backward pass).
+    a, w_packed, scales = jax.lax.optimization_barrier((a, w_packed, scales))
+    if impl == "xla":
+        ref = nf4_matmul_t_reference if transpose else nf4_matmul_reference
+        return ref(a, w_packed, scales, jnp.asarray(code), dtype=dtype)
+    a2 = a.reshape(-1, a.shape[-1])
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    bm, bn, bk = _tiles(a2.shape[0], n, k, blocksize)
+    m = a2.shape[0]
+    a2 = jnp.pad(a2, ((0, -m % bm), (0, 0)))
+    kw = dict(code=code, blocksize=blocksize, bm=bm, bn=bn, bk=bk, dtype=dtype,
+              interpret=impl == "interpret")
+    if transpose:
+        out = K.unpermute_k(K.matmul_nn(a2, w_packed, scales, **kw), bk)
+    else:
+        out = K.matmul_nt(K.permute_k(a2, bk), w_packed, scales, **kw)
+    return out[:m].astype(dtype).reshape(*a.shape[:-1], -1)
 
 
 @functools.cache
 def _op(code: tuple, blocksize: int, dtype, impl: str):
     dtype = jnp.dtype(dtype)
-
-    def forward(x, w_packed, scales):
-        # The barrier ties the dequantization to x: XLA may not run it early (holding every
-        # layer's float weight at once) nor merge it with the backward pass's (which would keep
-        # a dequantized copy alive from forward to backward).
-        x, w_packed, scales = jax.lax.optimization_barrier((x, w_packed, scales))
-        if impl == "xla":
-            return nf4_matmul_reference(x, w_packed, scales, jnp.asarray(code), dtype=dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = _pallas_nt(x2, w_packed, scales, code, blocksize, dtype, impl == "interpret")
-        return y.astype(dtype).reshape(*x.shape[:-1], -1)
-
-    def backward_dx(dy, w_packed, scales):
-        dy, w_packed, scales = jax.lax.optimization_barrier((dy, w_packed, scales))
-        if impl == "xla":
-            return nf4_matmul_t_reference(dy, w_packed, scales, jnp.asarray(code), dtype=dtype)
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = _pallas_nn(dy2, w_packed, scales, code, blocksize, dtype, impl == "interpret")
-        return dx.astype(dtype).reshape(*dy.shape[:-1], -1)
+    apply = functools.partial(_apply, code=code, blocksize=blocksize, dtype=dtype, impl=impl)
 
     @jax.custom_vjp
     def op(x, w_packed, scales):
-        return forward(x, w_packed, scales)
+        return apply(x, w_packed, scales, transpose=False)
 
     def fwd(x, w_packed, scales):
         # residuals: the packed weight and scales (x is not needed: there is no dW); the empty
         # array only carries x's dtype
-        return forward(x, w_packed, scales), (w_packed, scales, jnp.zeros((0,), x.dtype))
+        return (apply(x, w_packed, scales, transpose=False),
+                (w_packed, scales, jnp.zeros((0,), x.dtype)))
 
     def bwd(res, dy):
         w_packed, scales, like_x = res
-        dx = backward_dx(dy, w_packed, scales).astype(like_x.dtype)
-        return dx, None, jnp.zeros_like(scales)
+        dx = apply(dy, w_packed, scales, transpose=True).astype(like_x.dtype)
+        return dx, None, None  # the weight is frozen: no cotangent
 
     op.defvjp(fwd, bwd)
     return op

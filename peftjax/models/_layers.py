@@ -49,6 +49,7 @@ class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with ``kernel`` of shape [in, out] (HF ``weight`` is [out, in])."""
 
     hf_params = {"kernel": ("weight", True), "bias": ("bias", False)}
+    quantized = False  # True for peftjax.quant.QuantizedLinear (a 4-bit weight, no ``kernel``)
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
                  axes: tuple[str, str], dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
@@ -66,11 +67,21 @@ class Linear(nnx.Module):
             y = y + param_value(self.bias).astype(self.dtype)
         return y
 
+    @property
+    def weight_axes(self) -> tuple:
+        """Logical axes (in, out) of the weight."""
+        return tuple(self.kernel.get_metadata().get("axes", (None, None)))
+
+    @property
+    def weight_dtype(self):
+        """Storage dtype of the weight (for a 4-bit layer: the dtype it had before)."""
+        return self.kernel.dtype
+
     def rebuild_kwargs(self) -> dict:
         """Constructor arguments that rebuild this layer's structure (without ``rngs``)."""
         return dict(in_features=self.in_features, out_features=self.out_features,
-                    use_bias=self.bias is not None, axes=self.kernel.get_metadata()["axes"],
-                    dtype=self.dtype, param_dtype=param_value(self.kernel).dtype)
+                    use_bias=self.bias is not None, axes=self.weight_axes, dtype=self.dtype,
+                    param_dtype=self.weight_dtype)
 
 
 class Conv1D(Linear):

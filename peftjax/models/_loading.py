@@ -174,13 +174,8 @@ def abstract_model(name_or_path: str, *, task: str | None = None, num_labels: in
     def build():
         model = _build(cls, cfg, dtype, param_dtype, seed)
         if quantization is not None:
-            from peftjax.quant import _io
-            from peftjax.tuners._targets import get_submodule, set_submodule
-            for name in _io.quantize_targets(model, quantization):
-                set_submodule(model, name, _io.empty_quantized(
-                    get_submodule(model, name), quant_type=quantization.quant_type,
-                    blocksize=quantization.blocksize, double_quant=quantization.double_quant,
-                    dtype=jnp.dtype(quantization.compute_dtype), weight_dtype=param_dtype))
+            from peftjax.quant._io import swap_in_quantized
+            swap_in_quantized(model, quantization, param_dtype)
         return then(model)
 
     return nnx.eval_shape(build)
@@ -223,7 +218,14 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
     model_dir, config_path, cfg, cls = _resolve(name_or_path, task, num_labels, revision)
     model = nnx.eval_shape(lambda: _build(cls, cfg, dtype, param_dtype, seed))
     index = _checkpoint_index(model_dir)
-    quantized = _plan_quantized(model, cfg, index, quantization, dtype, param_dtype)
+    files: dict[str, SafetensorsFile] = {}
+
+    def open_file(path):
+        if path not in files:
+            files[path] = SafetensorsFile(path)
+        return files[path]
+
+    quantized = _plan_quantized(model, cfg, index, open_file, quantization, dtype, param_dtype)
     expected = hf_param_paths(model)
     prefix = getattr(model, "base_model_prefix", None)
     mapping, inside = _align_keys(set(expected) | {k for q in quantized.values() for k in q["keys"]},
@@ -246,12 +248,6 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
         problems.append(f"{len(bad_unused)} checkpoint weights have no place in the model: "
                         f"{_short(bad_unused)}. config.json and the weights disagree (a different "
                         "architecture or a wrong config).")
-    files: dict[str, SafetensorsFile] = {}
-
-    def open_file(path):
-        if path not in files:
-            files[path] = SafetensorsFile(path)
-        return files[path]
 
     abstract = dict(nnx.to_flat_state(nnx.state(model)))
     for key, (path, transposed) in expected.items():
@@ -304,9 +300,11 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
     return model
 
 
-def _plan_quantized(model, cfg, index, quantization, dtype, param_dtype) -> dict[str, dict]:
+def _plan_quantized(model, cfg, index, open_file, quantization, dtype, param_dtype
+                    ) -> dict[str, dict]:
     """Swaps the layers to be stored in 4 bits for abstract QuantizedLinear layers (in place)
-    and returns ``{layer name: {mode, keys, shape}}`` (mode ``quantize`` or ``bitsandbytes``)."""
+    and returns ``{layer name: {mode, keys, ...}}``: mode ``quantize`` (a float weight to
+    quantize while reading) or ``bitsandbytes`` (a 4-bit layer of the checkpoint)."""
     qcfg = (cfg.hf_config.get("quantization_config") or {})
     prequantized = qcfg.get("quant_method") == "bitsandbytes" and (
         qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
@@ -318,39 +316,31 @@ def _plan_quantized(model, cfg, index, quantization, dtype, param_dtype) -> dict
                 "loads bitsandbytes 4-bit checkpoints and full-precision ones.")
         return {}
     from peftjax.quant import _io
+    if not prequantized:
+        shapes = _io.swap_in_quantized(model, quantization, param_dtype)
+        return {name: {"mode": "quantize", "keys": [name + ".weight"], "shape": shape}
+                for name, shape in shapes.items()}
     from peftjax.tuners._targets import get_submodule, set_submodule
+    names = {n for n, _ in _io.named_modules(model)}
+    prefix = getattr(model, "base_model_prefix", None)
+    compute = jnp.dtype(getattr(quantization, "compute_dtype", None) or dtype)
     plan = {}
-    if prequantized:
-        # checkpoint names are the model's up to the backbone prefix; match by suffix
-        names = {n for n, _ in _io.named_modules(model)}
-        prefix = getattr(model, "base_model_prefix", None)
-        for ckpt_layer, qtype in _io.bnb_layers(index).items():
-            name = ckpt_layer if ckpt_layer in names else (
-                f"{prefix}.{ckpt_layer}" if prefix and f"{prefix}.{ckpt_layer}" in names else
-                ckpt_layer.split(".", 1)[-1])
-            if name not in names:
-                raise CheckpointError(f"4-bit layer {ckpt_layer} of the checkpoint has no place "
-                                      "in the model; config.json and the weights disagree.")
-            meta = _io.bnb_meta(lambda k: SafetensorsFile(index[k])[k], ckpt_layer, qtype)
-            layer = get_submodule(model, name)
-            compute = jnp.dtype(getattr(quantization, "compute_dtype", None) or dtype)
-            q = nnx.eval_shape(lambda: _io.empty_quantized(
-                layer, quant_type=qtype, blocksize=int(meta["blocksize"]),
-                double_quant=ckpt_layer + ".weight.nested_absmax" in index, dtype=compute,
-                weight_dtype=jnp.dtype(meta.get("dtype", "float32"))))
-            set_submodule(model, name, q)
-            plan[name] = {"mode": "bitsandbytes", "keys": _io.bnb_keys(name, qtype),
-                          "ckpt_layer": ckpt_layer, "quant_type": qtype}
-        return plan
-    for name in _io.quantize_targets(model, quantization):
+    for ckpt_layer, qtype in _io.bnb_layers(index).items():
+        # a base-model checkpoint in a task model (add the prefix) or the reverse (strip it)
+        options = [ckpt_layer, f"{prefix}.{ckpt_layer}",
+                   ckpt_layer.split(".", 1)[-1] if ckpt_layer.startswith(f"{prefix}.") else None]
+        name = next((n for n in options if n in names), None)
+        if name is None:
+            raise CheckpointError(f"4-bit layer {ckpt_layer} of the checkpoint has no place "
+                                  "in the model; config.json and the weights disagree.")
+        meta = _io.bnb_meta(lambda k: open_file(index[k])[k], ckpt_layer, qtype)
         layer = get_submodule(model, name)
-        q = nnx.eval_shape(lambda: _io.empty_quantized(
-            layer, quant_type=quantization.quant_type, blocksize=quantization.blocksize,
-            double_quant=quantization.double_quant, dtype=jnp.dtype(quantization.compute_dtype),
-            weight_dtype=param_dtype))
-        set_submodule(model, name, q)
-        plan[name] = {"mode": "quantize", "keys": [name + ".weight"],
-                      "shape": (layer.out_features, layer.in_features)}
+        set_submodule(model, name, nnx.eval_shape(lambda: _io.empty_quantized(
+            layer, quant_type=qtype, blocksize=int(meta["blocksize"]),
+            double_quant=ckpt_layer + ".weight.nested_absmax" in index, dtype=compute,
+            weight_dtype=jnp.dtype(meta.get("dtype", "float32")))))
+        plan[name] = {"mode": "bitsandbytes", "keys": _io.bnb_keys(name, qtype),
+                      "quant_type": qtype}
     return plan
 
 
@@ -375,7 +365,7 @@ def _load_quantized(model, plan, mapping, index, open_file, param_dtype, progres
     for name, q in tqdm(plan.items(), desc=desc, unit="layer", disable=not progress):
         layer = get_submodule(model, name)
         if q["mode"] == "quantize":
-            w_OxI = jnp.asarray(np.asarray(read(q["keys"][0])).astype(param_dtype))
+            w_OxI = jnp.asarray(np.asarray(read(q["keys"][0])).astype(param_dtype, copy=False))
             packed, state = quantize_4bit(w_OxI, quant_type=layer.quant_type,
                                           blocksize=layer.blocksize,
                                           double_quant=layer.double_quant)

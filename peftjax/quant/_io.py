@@ -22,7 +22,8 @@ from flax import nnx
 from peftjax.models._layers import Linear
 from peftjax.models._safetensors import CheckpointError
 from peftjax.quant._formats import CODES, QuantConfig, QuantState
-from peftjax.quant._linear import QuantizedLinear, is_quantized
+from peftjax.quant._linear import QuantizedLinear, quantization_error
+from peftjax.tuners._lora import is_lora_layer
 from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
 
 log = logging.getLogger("peftjax")
@@ -52,16 +53,32 @@ def quantize_targets(model: nnx.Module, config: QuantConfig) -> list[str]:
 
 
 def empty_quantized(layer: Linear, *, quant_type, blocksize, double_quant, dtype, weight_dtype):
-    """An abstract (shape-only) QuantizedLinear in ``layer``'s place; for ``nnx.eval_shape``."""
+    """A QuantizedLinear of ``layer``'s shape with zero storage (call it inside
+    ``nnx.eval_shape`` for an abstract one)."""
     return QuantizedLinear(layer.in_features, layer.out_features, use_bias=layer.bias is not None,
-                           axes=tuple(layer.kernel.get_metadata().get("axes", (None, None))),
-                           dtype=dtype, quant_type=quant_type, blocksize=blocksize,
-                           double_quant=double_quant, weight_dtype=weight_dtype,
-                           param_dtype=param_dtype_of(layer))
+                           axes=layer.weight_axes, dtype=dtype, quant_type=quant_type,
+                           blocksize=blocksize, double_quant=double_quant,
+                           weight_dtype=weight_dtype, param_dtype=layer.weight_dtype)
 
 
-def param_dtype_of(layer: Linear):
-    return layer.kernel.dtype
+def swap_in_quantized(model: nnx.Module, config: QuantConfig, weight_dtype) -> dict[str, tuple]:
+    """Replaces (in place) the layers ``config`` selects by abstract (shape-only) 4-bit layers;
+    returns ``{name: (out_features, in_features)}``. Raises when it selects nothing
+    (quantization would silently do nothing)."""
+    out = {}
+    for name in quantize_targets(model, config):
+        layer = get_submodule(model, name)
+        set_submodule(model, name, nnx.eval_shape(lambda: empty_quantized(
+            layer, quant_type=config.quant_type, blocksize=config.blocksize,
+            double_quant=config.double_quant, dtype=jnp.dtype(config.compute_dtype),
+            weight_dtype=weight_dtype)))
+        out[name] = (layer.out_features, layer.in_features)
+    if not out:
+        raise ValueError(f"quantization selects no layer of {type(model).__name__}: 4-bit storage "
+                         "applies to Linear layers (not GPT-2's Conv1D) outside skip_modules="
+                         f"{list(config.skip_modules)} whose input width the blocksize "
+                         f"({config.blocksize}) divides.")
+    return out
 
 
 def bnb_layers(keys) -> dict[str, str]:
@@ -120,8 +137,6 @@ def quantize_model(model: nnx.Module, config: QuantConfig, *, progress: bool = T
     returns ``{name: error report}`` (max/mean absolute and relative Frobenius error of the
     dequantized weight); e.g. to store a merged QLoRA model in 4 bits again."""
     from tqdm.auto import tqdm
-
-    from peftjax.quant._linear import requantize_error
     reports = {}
     for name in tqdm(quantize_targets(model, config), desc="Quantizing", disable=not progress):
         layer = get_submodule(model, name)
@@ -130,21 +145,20 @@ def quantize_model(model: nnx.Module, config: QuantConfig, *, progress: bool = T
                                         double_quant=config.double_quant,
                                         compute_dtype=jnp.dtype(config.compute_dtype),
                                         offset_threads=config.offset_threads)
-        _, _, reports[name] = requantize_error(layer.kernel[...].T, quant_type=config.quant_type,
-                                               blocksize=config.blocksize,
-                                               double_quant=config.double_quant)
+        reports[name] = quantization_error(layer.kernel[...].T, q.weight_OxI(jnp.float32))
         set_submodule(model, name, q)
     return reports
 
 
 def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:
-    """Replaces (in place) every 4-bit layer by a float ``Linear`` (default: the dtype the
-    weight had before quantization) and returns the model."""
+    """Replaces (in place) every 4-bit layer without an adapter by a float ``Linear`` (default:
+    the dtype the weight had before quantization) and returns the model. Adapted layers are
+    left to ``PeftModel.merge_and_unload``."""
     for name, m in list(named_modules(model)):
-        if is_quantized(m) and not hasattr(m, "lora_A"):
+        if isinstance(m, QuantizedLinear) and not is_lora_layer(m):
             set_submodule(model, name, m.dequantized(dtype))
     return model
 
 
 def has_quantized(model: nnx.Module) -> bool:
-    return any(is_quantized(m) for _, m in named_modules(model))
+    return any(isinstance(m, QuantizedLinear) for _, m in named_modules(model))

@@ -22,6 +22,9 @@ from peftjax.models._layers import Linear, param_value
 from peftjax.quant._formats import (CODES, NESTED_BLOCKSIZE, QuantState, block_scales,
                                     check_format, dequantize_4bit, quantize_4bit)
 
+# the variables of a QuantizedLinear besides ``packed``: quantization state, not parameters
+STATE_NAMES = ("absmax", "nested_absmax", "offset", "nested_code")
+
 
 class QuantWeight(nnx.Variable):
     """Frozen 4-bit storage (packed codes and their quantization state)."""
@@ -35,13 +38,16 @@ class QuantizedLinear(Linear):
     """
 
     hf_params = {"bias": ("bias", False)}  # the 4-bit weight is read and written by quant/_io
+    quantized = True
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
                  axes: tuple[str, str], dtype, quant_type: str = "nf4", blocksize: int = 64,
                  double_quant: bool = True, weight_dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, init_std: float = 0.02):
+                 rngs: nnx.Rngs | None = None):
+        """``weight_dtype``: the dtype W had before quantization (what dequantization gives);
+        ``param_dtype``: the bias's; ``rngs`` is unused (nothing is random)."""
         check_format(quant_type, blocksize)
-        if in_features % blocksize or in_features % 2:
+        if in_features % blocksize:
             raise ValueError(
                 f"a {in_features}->{out_features} linear layer cannot be stored in 4 bits with "
                 f"blocksize {blocksize}: in_features must be a multiple of the blocksize. Keep "
@@ -50,7 +56,7 @@ class QuantizedLinear(Linear):
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.axes = dtype, axes
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
-        self.weight_dtype = jnp.dtype(weight_dtype)  # the dtype W had before quantization
+        self.original_dtype = jnp.dtype(weight_dtype)
         n_blocks = out_features * in_features // blocksize
         out_axis = axes[1]
         self.packed = QuantWeight(jnp.zeros((out_features, in_features // 2), jnp.uint8),
@@ -77,7 +83,7 @@ class QuantizedLinear(Linear):
             nested_absmax=param_value(self.nested_absmax) if dq else None,
             offset=param_value(self.offset) if dq else None,
             nested_code=param_value(self.nested_code) if dq else None,
-            shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
+            shape=(self.out_features, self.in_features), dtype=self.original_dtype,
             quant_type=self.quant_type, blocksize=self.blocksize)
 
     def set_quantized(self, packed, state: QuantState) -> None:
@@ -98,7 +104,7 @@ class QuantizedLinear(Linear):
             self.nested_absmax.set_value(jnp.asarray(state.nested_absmax, jnp.float32).reshape(-1))
             self.offset.set_value(jnp.asarray(state.offset, jnp.float32).reshape(()))
             self.nested_code.set_value(jnp.asarray(state.nested_code, jnp.float32))
-        self.weight_dtype = jnp.dtype(state.dtype)
+        self.original_dtype = jnp.dtype(state.dtype)
 
     def weight_OxI(self, dtype=None) -> jax.Array:
         """W [out, in] dequantized (bitsandbytes' ``dequantize_4bit``)."""
@@ -109,8 +115,12 @@ class QuantizedLinear(Linear):
         return block_scales(self.quant_state()).reshape(self.out_features, -1)
 
     @property
-    def kernel(self):  # read-only view, so code written for Linear ([in, out]) still works
-        return _KernelView(self)
+    def weight_axes(self) -> tuple:
+        return tuple(self.axes)
+
+    @property
+    def weight_dtype(self):
+        return self.original_dtype
 
     def __call__(self, x):
         y = nf4_matmul(x.astype(self.dtype), param_value(self.packed), self.scales_OxB(),
@@ -134,10 +144,8 @@ class QuantizedLinear(Linear):
         kernel_IxO = param_value(layer.kernel)
         q = nnx.eval_shape(lambda: cls(
             layer.in_features, layer.out_features, use_bias=layer.bias is not None,
-            axes=tuple(layer.kernel.get_metadata().get("axes", (None, None))),
-            dtype=compute_dtype or layer.dtype, quant_type=quant_type, blocksize=blocksize,
-            double_quant=double_quant, weight_dtype=kernel_IxO.dtype))
-        _materialize(q)
+            axes=layer.weight_axes, dtype=compute_dtype or layer.dtype, quant_type=quant_type,
+            blocksize=blocksize, double_quant=double_quant, weight_dtype=kernel_IxO.dtype))
         packed, state = quantize_4bit(kernel_IxO.T, quant_type=quant_type, blocksize=blocksize,
                                       double_quant=double_quant, offset_threads=offset_threads)
         q.set_quantized(packed, state)
@@ -147,7 +155,7 @@ class QuantizedLinear(Linear):
 
     def dequantized(self, dtype=None) -> Linear:
         """A float ``Linear`` with this layer's (dequantized) weight and bias."""
-        dtype = jnp.dtype(dtype or self.weight_dtype)
+        dtype = jnp.dtype(dtype or self.original_dtype)
         plain = nnx.eval_shape(lambda: Linear(
             self.in_features, self.out_features, use_bias=self.bias is not None, axes=self.axes,
             dtype=self.dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
@@ -156,56 +164,12 @@ class QuantizedLinear(Linear):
         return plain
 
 
-class _KernelView:
-    """What ``layer.kernel`` answers for a quantized layer: shape, dtype, metadata and a
-    dequantized value; assignment is refused (the weight is frozen 4-bit storage)."""
-
-    def __init__(self, layer: QuantizedLinear):
-        self._layer = layer
-
-    def __getitem__(self, idx):
-        return self._layer.weight_OxI().T[idx]
-
-    def __setitem__(self, idx, value):
-        raise TypeError("a 4-bit weight cannot be assigned in place; dequantize the layer "
-                        "(QuantizedLinear.dequantized) or requantize a merged copy "
-                        "(peftjax.quant.requantize)")
-
-    @property
-    def shape(self):
-        return (self._layer.in_features, self._layer.out_features)
-
-    @property
-    def dtype(self):
-        return self._layer.weight_dtype
-
-    def get_metadata(self):
-        return {"axes": self._layer.axes}
+def quantization_error(w_OxI: jax.Array, w_hat_OxI: jax.Array) -> dict:
+    """``{max_abs, mean_abs, rel_fro}`` of ``w_hat - w`` (float32)."""
+    w = w_OxI.astype(jnp.float32)
+    err = w_hat_OxI.astype(jnp.float32) - w
+    return {"max_abs": float(jnp.max(jnp.abs(err))), "mean_abs": float(jnp.mean(jnp.abs(err))),
+            "rel_fro": float(jnp.linalg.norm(err) / jnp.maximum(jnp.linalg.norm(w), 1e-30))}
 
 
-def _materialize(module: nnx.Module) -> None:
-    """Replaces the abstract (ShapeDtypeStruct) values of an eval_shape'd module by zeros."""
-    for _, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Variable):
-            v = var.get_value()
-            if isinstance(v, jax.ShapeDtypeStruct):
-                var.set_value(jnp.zeros(v.shape, v.dtype))
-
-
-def requantize_error(w_OxI: jax.Array, *, quant_type="nf4", blocksize=64, double_quant=True):
-    """Quantizes ``w`` and reports what that costs: ``(packed, state, report)`` with report =
-    {max_abs, mean_abs, rel_fro} of (dequantized - w)."""
-    packed, state = quantize_4bit(w_OxI, quant_type=quant_type, blocksize=blocksize,
-                                  double_quant=double_quant)
-    err = (dequantize_4bit(packed, state, jnp.float32) - w_OxI.astype(jnp.float32))
-    ref = jnp.linalg.norm(w_OxI.astype(jnp.float32))
-    report = {"max_abs": float(jnp.max(jnp.abs(err))), "mean_abs": float(jnp.mean(jnp.abs(err))),
-              "rel_fro": float(jnp.linalg.norm(err) / jnp.maximum(ref, 1e-30))}
-    return packed, state, report
-
-
-def is_quantized(module) -> bool:
-    return isinstance(module, QuantizedLinear)
-
-
-__all__ = ["QuantWeight", "QuantizedLinear", "is_quantized", "requantize_error"]
+__all__ = ["STATE_NAMES", "QuantWeight", "QuantizedLinear", "quantization_error"]

@@ -32,6 +32,7 @@ from peftjax.checkpoint import RunCheckpointer
 from peftjax.config import RunConfig, save_config
 from peftjax.data import BatchStream, Splits, eval_batches, load_splits
 from peftjax.models import abstract_model, from_pretrained, save_pretrained
+from peftjax.quant._linear import STATE_NAMES
 from peftjax.tokenizer import load_tokenizer
 from peftjax.train._optim import make_optimizer, make_schedule
 from peftjax.train._sharding import make_mesh, shard_batch, shard_state
@@ -90,9 +91,6 @@ def head_modules(cfg: RunConfig, model) -> tuple[str, ...] | None:
     return heads
 
 
-_QUANT_STATE = ("absmax", "nested_absmax", "offset", "nested_code")
-
-
 def param_counts(trainable, frozen) -> dict:
     """Parameter counts; a 4-bit weight counts two parameters per packed byte and its
     quantization state (absmax, ...) counts none."""
@@ -102,7 +100,7 @@ def param_counts(trainable, frozen) -> dict:
             names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
             names = [n for n in names if n != "value"]
             last = names[-1] if names else ""
-            if last in _QUANT_STATE:
+            if last in STATE_NAMES:
                 continue
             n += int(np.prod(x.shape)) * (2 if last == "packed" else 1)
         return n

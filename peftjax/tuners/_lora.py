@@ -191,7 +191,7 @@ class LoraMixin:
         for k in self._base_attrs:
             setattr(self, k, getattr(base, k))
         self.r, self.scaling, self.merged = r, float(scaling), False
-        pdt = base.kernel.dtype
+        pdt = base.weight_dtype
         pdt = jnp.float32 if jnp.issubdtype(pdt, jnp.floating) and jnp.finfo(pdt).bits < 32 else pdt
         k_a, k_b = rngs.params(), rngs.params()
         bound_a = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)), as torch/PEFT
@@ -204,7 +204,7 @@ class LoraMixin:
             b_RxO = jax.random.uniform(k_b, (r, self.out_features), minval=-bound_b, maxval=bound_b)
         else:
             b_RxO = jnp.zeros((r, self.out_features))
-        in_axis, out_axis = base.kernel.get_metadata().get("axes", (None, None))
+        in_axis, out_axis = base.weight_axes
         # adapters train in float32 even over bf16 base weights (mixed precision)
         self.lora_A = LoraParam(a_IxR.astype(pdt), axes=(in_axis, "lora_rank"))
         self.lora_B = LoraParam(b_RxO.astype(pdt), axes=("lora_rank", out_axis))
@@ -222,7 +222,7 @@ class LoraMixin:
             h, param_value(self.lora_A), param_value(self.lora_B))
 
     def merge(self) -> None:
-        if getattr(self, "packed", None) is not None:
+        if self.quantized:
             raise TypeError(
                 "cannot merge LoRA into a 4-bit weight in place: merging needs the float weight. "
                 "Use PeftModel.merge_and_unload() (it dequantizes the adapted layers) and, to "
@@ -246,11 +246,13 @@ class LoraMixin:
         return plain
 
     def merged_float(self, dtype=None) -> Linear:
-        """A float ``Linear`` holding base + adapter (dequantizing a 4-bit base)."""
-        base = self.unloaded()
-        plain = base.dequantized(dtype) if hasattr(base, "dequantized") else base
-        k = param_value(plain.kernel)
-        plain.kernel = nnx.Param((k.astype(jnp.float32) + self.delta_IxO()).astype(k.dtype),
+        """For a 4-bit base: a float ``Linear`` holding dequantized base + adapter, summed in
+        float32 and rounded once to ``dtype`` (default: the weight's original dtype)."""
+        if not self.quantized:
+            raise TypeError("merged_float is for 4-bit layers; merge() a float layer in place")
+        plain = self.unloaded().dequantized(jnp.float32)
+        merged = param_value(plain.kernel) + self.delta_IxO()
+        plain.kernel = nnx.Param(merged.astype(dtype or self.weight_dtype),
                                  **plain.kernel.get_metadata())
         return plain
 

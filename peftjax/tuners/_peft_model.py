@@ -62,7 +62,7 @@ class PeftModel(nnx.Module):
         layers; ``peftjax.quant.quantize_model`` stores it in 4 bits again and reports the
         error that costs. Other 4-bit layers stay 4-bit."""
         for name, layer in self.lora_layers():
-            if getattr(layer, "packed", None) is not None:
+            if layer.quantized:
                 set_submodule(self.base_model, name, layer.merged_float(dtype))
             else:
                 layer.merge()

@@ -44,7 +44,6 @@ def test_code_tables_are_bitsandbytes():
 def test_quantize_4bit_is_bit_identical(quant_type):
     """Packed bytes and float32 absmax equal bitsandbytes for every shape, blocksize, dtype and
     seed, including a short last block and odd element counts; so does dequantization."""
-    cases = 0
     for (shape, bs, dtype), seed in itertools.product(
             itertools.product(SHAPES, [32, 64, 256, 4096], list(TORCH_TO_JNP)), [0, 1]):
         x = _weights(shape, dtype, seed)
@@ -56,8 +55,6 @@ def test_quantize_4bit_is_bit_identical(quant_type):
         deq = np.asarray(dequantize_4bit(packed, state).astype(jnp.float32))
         assert np.array_equal(deq.reshape(-1),
                               F.dequantize_4bit(packed_t, state_t).float().numpy().reshape(-1)), where
-        cases += 1
-    assert cases == 144
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -90,6 +87,7 @@ def test_double_quant_matches_bitsandbytes(quant_type):
         assert np.all(np.abs(v - DYNAMIC_CODE[ours[bad]]) <= np.abs(v - DYNAMIC_CODE[theirs[bad]]))
         total += len(ours)
         differ += len(bad)
+    print(f"{quant_type}: {differ} of {total} nested absmax codes differ from bitsandbytes'")
     assert differ / total < 0.01, f"{differ} of {total} nested codes differ"
 
 

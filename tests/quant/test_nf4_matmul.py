@@ -17,8 +17,10 @@ def _weights(n, k, bs, seed):
             jnp.asarray(rng.uniform(0.01, 0.2, (n, k // bs)).astype(np.float32)))
 
 
-# tolerance relative to the largest output: float32 sums in another order; bfloat16 rounding
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# error relative to the largest |output|. float32: sums in another order (measured 1.8e-6).
+# bfloat16: both sides round the output to bfloat16, whose spacing is 2^-8 = 3.9e-3 relative;
+# measured 1.7e-3.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 4e-3}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -4,7 +4,8 @@
     peftjax eval CONFIG.yaml [KEY=VALUE ...] [--split S] [--step N]
     peftjax export CONFIG.yaml [KEY=VALUE ...] --out DIR [--step N]   PEFT-format adapter
     peftjax memory CONFIG.yaml [KEY=VALUE ...] [--json FILE]   device memory of the train step
-    peftjax merge --model PATH --adapter DIR --out DIR [--dtype D]    merged HF checkpoint
+    peftjax merge --model PATH --adapter DIR --out DIR [--dtype D] [--quantization nf4]
+                  [--save-4bit]                                merged HF checkpoint
     peftjax generate --model PATH [--adapter DIR] [--chat] PROMPT ...
 
 Overrides use dotted keys: ``peftjax train cfg.yaml train.lr=1e-4 peft.r=16``.
@@ -53,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--task", default=None, help="model task (default: from the adapter/config)")
+    p.add_argument("--quantization", default=None, choices=["nf4", "fp4"],
+                   help="QLoRA adapter: load the base in this 4-bit format (as in training) and "
+                   "merge into its dequantized weights")
+    p.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64)")
+    p.add_argument("--no-double-quant", action="store_true",
+                   help="the 4-bit base was stored without double quantization")
+    p.add_argument("--save-4bit", action="store_true",
+                   help="store the merged layers in 4 bits again (--quantization's format, nf4 "
+                   "by default) and write a bitsandbytes 4-bit checkpoint; prints the "
+                   "quantization error this adds")
     p = sub.add_parser("generate", help="generate text with a model (and adapter)")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None)
@@ -122,15 +133,28 @@ def _merge(args) -> int:
         tt = read_config(args.adapter).task_type
         task = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
                 "CAUSAL_LM": "causal_lm"}.get(tt)
-    base = from_pretrained(args.model, task=task, dtype=args.dtype)
-    merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
+    from peftjax.quant import QuantConfig
+    from peftjax.quant._io import dequantize_model, merge_and_requantize, requantization_summary
+    qcfg = QuantConfig(args.quantization or "nf4", not args.no_double_quant, args.dtype,
+                       args.blocksize)
+    base = from_pretrained(args.model, task=task, dtype=args.dtype,
+                           quantization=qcfg if args.quantization else None)
+    peft = PeftModel.from_pretrained(base, args.adapter)
+    if args.save_4bit:
+        merged, reports = merge_and_requantize(peft, qcfg, dtype=args.dtype)
+        if reports:
+            print(requantization_summary(reports).replace("merged layers", "merged layers to "
+                                                          + qcfg.quant_type, 1))
+    else:
+        merged = dequantize_model(peft.merge_and_unload(args.dtype), args.dtype)
     save_pretrained(merged, args.out)
     from peftjax.tokenizer import load_tokenizer
     try:
         load_tokenizer(args.model).save_pretrained(args.out)
     except CheckpointError as e:  # a model without a tokenizer still merges
         print(f"note: no tokenizer copied ({e})")
-    print(f"merged {args.adapter} into {args.model} -> {args.out} ({args.dtype})")
+    print(f"merged {args.adapter} into {args.model} -> {args.out} "
+          f"({qcfg.quant_type + ' 4-bit' if args.save_4bit else args.dtype})")
     return 0
 
 

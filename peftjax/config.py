@@ -288,6 +288,13 @@ class RunConfig:
     quantization: QuantizationSection = dataclasses.field(default_factory=QuantizationSection)
     output_dir: str = "runs/run"
 
+    def __post_init__(self):
+        if self.quantization.quant_type is not None and self.peft.method == "full":
+            raise ConfigError(
+                f"peft.method='full' cannot train the {self.quantization.quant_type} (4-bit) "
+                "weights the quantization section asks for; use peft.method=lora (QLoRA) or "
+                "head, or set quantization.quant_type=null")
+
     def to_dict(self) -> dict:
         """Plain nested dict; ``config_from_dict(cfg.to_dict()) == cfg``."""
         out = dataclasses.asdict(self)

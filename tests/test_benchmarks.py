@@ -9,15 +9,36 @@ import sys
 from tests.conftest import REPO
 
 
+def run_benchmark(script: str, out, *args: str) -> None:
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args,
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+
+
 def test_train_step_benchmark_runs(tmp_path):
     out = tmp_path / "table.md"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"),
-                           "--size", "tiny", "--steps", "1", "--warmup", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    run_benchmark("train_step.py", out, "--size", "tiny", "--steps", "1", "--warmup", "1")
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| peftjax") or
             ln.startswith("| torch")]
     assert [r.split("|")[1].strip() for r in rows] == ["peftjax_full", "peftjax_lora",
                                                         "torch_peft_lora"]
     for r in rows:  # tokens/s column is a positive number
         assert float(r.split("|")[5].strip().replace(",", "")) > 0
+
+
+def test_nf4_matmul_benchmark_runs(tmp_path):
+    out = tmp_path / "nf4.md"
+    run_benchmark("nf4_matmul.py", out, "--size", "tiny", "--iters", "3", "--repeats", "2")
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.read_text().splitlines()
+            if ln.startswith("| 256x128 |")]
+    rows = [r for r in rows if len(r) == 10]  # the main table (not the summary below it)
+    assert [(r[1], r[2]) for r in rows] == [(m, meth) for m in ("1", "16") for meth in
+                                             ("xla_dense", "xla_dequant", "pallas", "bnb")]
+    for r in rows:
+        if r[2] in ("xla_dense", "xla_dequant"):  # timed, and the same function as the reference
+            assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[8]) < 1e-5, r
+        elif r[2] == "pallas":  # not timed on CPU, and the table says why
+            assert r[3] == "-" and r[9].startswith("skipped: runs on GPU/TPU only"), r
+        else:  # bitsandbytes on CPU (the test extra installs it); double quant adds ~2e-3
+            assert float(r[3]) > 0 and float(r[8]) < 1e-2, r

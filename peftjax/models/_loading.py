@@ -389,15 +389,27 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
                     dtype: Any = None) -> None:
     """Writes ``model`` as a Hugging Face checkpoint: ``config.json`` + safetensors (sharded with
     an index above ``max_shard_bytes``). transformers' ``AutoModel*.from_pretrained`` loads it.
+    4-bit layers are written as stored, in the layout transformers + bitsandbytes save
+    (``quantization_config`` in config.json), which transformers, vLLM and peftjax load.
     Files are written to temporary names and renamed, so an interrupted save leaves no
     half-written file under a final name."""
     cfg = model.config
     task = task_of(model)
-    from peftjax.quant._io import has_quantized
-    if has_quantized(model):
-        raise ValueError("this model has 4-bit layers; save_pretrained writes full-precision "
-                         "checkpoints. Call peftjax.quant.dequantize_model(model) first (or "
-                         "PeftModel.merge_and_unload(), which also dequantizes adapted layers).")
+    from peftjax.quant._io import bnb_quantization_config, bnb_tensors
+    from peftjax.quant._linear import QuantizedLinear
+    from peftjax.tuners._lora import is_lora_layer
+    from peftjax.tuners._targets import named_modules
+    adapted = [n for n, m in named_modules(model) if is_lora_layer(m)]
+    if adapted:
+        raise ValueError(f"{len(adapted)} layers carry LoRA adapters (e.g. {adapted[0]}); "
+                         "save_pretrained writes plain checkpoints. Save the adapter with "
+                         "PeftModel.save_pretrained, or fold it in with merge_and_unload() "
+                         "first.")
+    quant_config = bnb_quantization_config(model)
+    if quant_config is not None and dtype is not None:
+        raise ValueError("dtype= converts full-precision weights; this model has 4-bit layers, "
+                         "which are written as stored (bitsandbytes layout). Call "
+                         "peftjax.quant.dequantize_model(model) first for a float checkpoint.")
     os.makedirs(directory, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     tensors = {}
@@ -406,6 +418,9 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
         if dtype is not None:
             a = a.astype(dtype)
         tensors[key] = np.ascontiguousarray(a.T if transposed else a)
+    for name, m in named_modules(model):
+        if isinstance(m, QuantizedLinear):
+            tensors.update(bnb_tensors(name, m))
     shards, current, size = [], {}, 0
     for key in sorted(tensors):
         if current and size + tensors[key].nbytes > max_shard_bytes:
@@ -427,10 +442,15 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
     config = dict(cfg.hf_config)
     config["architectures"] = [architecture_name(cfg.model_type, task)]
-    some = next(iter(tensors.values()))
+    some = next((a for a in tensors.values() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"),
+                None)
     config["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-        str(some.dtype), "float32")
+        str(getattr(some, "dtype", None)), "float32")
     config.pop("torch_dtype", None)
+    # a checkpoint loaded in 4 bits and dequantized is no longer a quantized one
+    config.pop("quantization_config", None)
+    if quant_config is not None:
+        config["quantization_config"] = quant_config
     if task in ("sequence_classification", "token_classification"):
         labels = config.get("id2label") or {}
         if len(labels) != cfg.num_labels:

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -132,6 +133,51 @@ def read_bnb_layer(read, has, layer: str, quant_type: str) -> tuple[np.ndarray, 
     return np.asarray(read(layer + ".weight")), state
 
 
+def bnb_tensors(name: str, layer: QuantizedLinear) -> dict[str, np.ndarray]:
+    """The checkpoint tensors transformers + bitsandbytes save for the 4-bit layer ``name``
+    (packed weight as a [n/2, 1] uint8 column, absmax, code tables, and the quant_state JSON
+    as uint8 bytes); :func:`read_bnb_layer` reads them back."""
+    qt = layer.quant_type
+    meta = {"quant_type": qt, "blocksize": layer.blocksize,
+            "dtype": jnp.dtype(layer.original_dtype).name,
+            "shape": [layer.out_features, layer.in_features]}
+    get = lambda v: np.asarray(jax.device_get(v[...]))  # noqa: E731
+    out = {name + ".weight": get(layer.packed).reshape(-1, 1),
+           name + ".weight.absmax": get(layer.absmax).reshape(-1),
+           name + ".weight.quant_map": np.asarray(CODES[qt], np.float32)}
+    if layer.double_quant:
+        out[name + ".weight.nested_absmax"] = get(layer.nested_absmax).astype(np.float32)
+        out[name + ".weight.nested_quant_map"] = get(layer.nested_code).astype(np.float32)
+        meta.update(nested_blocksize=256, nested_dtype="float32",
+                    nested_offset=float(get(layer.offset)))
+    out[name + f".weight.quant_state.bitsandbytes__{qt}"] = np.frombuffer(
+        json.dumps(meta).encode(), np.uint8).copy()
+    return out
+
+
+def bnb_quantization_config(model: nnx.Module) -> dict | None:
+    """transformers' ``quantization_config`` (a ``BitsAndBytesConfig``) for ``model``'s 4-bit
+    layers, or None without any. Every float ``Linear`` is listed in ``llm_int8_skip_modules``
+    so transformers keeps exactly those in full precision. Raises when the 4-bit layers mix
+    settings one config cannot express."""
+    quant = [(n, m) for n, m in named_modules(model) if isinstance(m, QuantizedLinear)]
+    if not quant:
+        return None
+    settings = {(m.quant_type, m.blocksize, m.double_quant, jnp.dtype(m.dtype).name)
+                for _, m in quant}
+    if len(settings) > 1:
+        raise ValueError(f"the 4-bit layers mix settings {sorted(settings)}; a bitsandbytes "
+                         "checkpoint has one (quant_type, blocksize, double_quant, compute dtype)."
+                         " Re-quantize them with one QuantConfig.")
+    (qt, _, dq, compute), = settings  # the blocksize is in each layer's quant_state
+    floats = [n for n, m in named_modules(model) if type(m) is Linear]
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": qt, "bnb_4bit_use_double_quant": dq,
+            "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": floats or None, "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
 def quantize_model(model: nnx.Module, config: QuantConfig, *, progress: bool = True) -> dict:
     """Replaces (in place) the float linear layers ``config`` selects by 4-bit layers and
     returns ``{name: error report}`` (max/mean absolute and relative Frobenius error of the
@@ -148,6 +194,42 @@ def quantize_model(model: nnx.Module, config: QuantConfig, *, progress: bool = T
         reports[name] = quantization_error(layer.kernel[...].T, q.weight_OxI(jnp.float32))
         set_submodule(model, name, q)
     return reports
+
+
+def merge_and_requantize(peft, config: QuantConfig, *, dtype=None,
+                         progress: bool = True) -> tuple[nnx.Module, dict]:
+    """Merges a (Q)LoRA ``PeftModel`` and stores the merged layers in 4 bits again; returns
+    ``(model, {layer: report})``. Each report is :func:`quantize_model`'s plus ``delta_fro``
+    (Frobenius norm of the adapter's change ``scaling * B @ A`` to that layer) and
+    ``of_delta`` (the re-quantization error over it). ``of_delta`` near or above 1 means
+    rounding to the 4-bit grid undoes about as much as the adapter changed: the 4-bit merged
+    model keeps little of what was learned (serve the float merge, or the adapter over the
+    4-bit base, instead)."""
+    deltas = {name: float(jnp.linalg.norm(layer.delta_IxO().astype(jnp.float32)))
+              for name, layer in peft.lora_layers()}
+    model = peft.merge_and_unload(dtype)
+    reports = quantize_model(model, config, progress=progress)
+    for name, r in reports.items():
+        if name in deltas:
+            r["delta_fro"] = deltas[name]
+            r["of_delta"] = r["fro"] / max(deltas[name], 1e-30)
+    return model, reports
+
+
+def requantization_summary(reports: dict) -> str:
+    """One line (two with a warning) describing :func:`merge_and_requantize`'s reports."""
+    rel = sorted(r["rel_fro"] for r in reports.values())
+    line = (f"re-quantized {len(rel)} merged layers: relative Frobenius error max {rel[-1]:.4f}, "
+            f"mean {sum(rel) / len(rel):.4f}")
+    of = sorted(r["of_delta"] for r in reports.values() if "of_delta" in r)
+    if of:
+        median = of[len(of) // 2]
+        line += (f"; error / adapter change: median {median:.2f}, max {of[-1]:.2f}")
+        if median >= 0.5:
+            line += ("\nwarning: rounding to 4 bits undoes much of the adapter's change, so the "
+                     "4-bit merged model keeps little of what was learned; serve the float merge "
+                     "(or the adapter over the 4-bit base) instead")
+    return line
 
 
 def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:

@@ -165,11 +165,13 @@ class QuantizedLinear(Linear):
 
 
 def quantization_error(w_OxI: jax.Array, w_hat_OxI: jax.Array) -> dict:
-    """``{max_abs, mean_abs, rel_fro}`` of ``w_hat - w`` (float32)."""
+    """``{max_abs, mean_abs, fro, rel_fro}`` of ``w_hat - w`` (float32; ``fro`` is the
+    Frobenius norm of the error, ``rel_fro`` that over the norm of ``w``)."""
     w = w_OxI.astype(jnp.float32)
     err = w_hat_OxI.astype(jnp.float32) - w
+    fro = jnp.linalg.norm(err)
     return {"max_abs": float(jnp.max(jnp.abs(err))), "mean_abs": float(jnp.mean(jnp.abs(err))),
-            "rel_fro": float(jnp.linalg.norm(err) / jnp.maximum(jnp.linalg.norm(w), 1e-30))}
+            "fro": float(fro), "rel_fro": float(fro / jnp.maximum(jnp.linalg.norm(w), 1e-30))}
 
 
 __all__ = ["STATE_NAMES", "QuantWeight", "QuantizedLinear", "quantization_error"]

@@ -32,13 +32,14 @@ from peftjax.checkpoint import RunCheckpointer
 from peftjax.config import RunConfig, save_config
 from peftjax.data import BatchStream, Splits, eval_batches, load_splits
 from peftjax.models import abstract_model, from_pretrained, save_pretrained
-from peftjax.quant._linear import STATE_NAMES
+from peftjax.quant._linear import STATE_NAMES, QuantizedLinear
 from peftjax.tokenizer import load_tokenizer
 from peftjax.train._optim import make_optimizer, make_schedule
 from peftjax.train._sharding import make_mesh, shard_batch, shard_state
 from peftjax.train._step import (make_eval_step, make_train_step, set_remat, split_model,
                                  summarize)
 from peftjax.tuners import PeftModel, get_peft_model
+from peftjax.tuners._targets import named_modules
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,6 +108,15 @@ def param_counts(trainable, frozen) -> dict:
     n_train, n_frozen = size(trainable), size(frozen)
     return {"trainable": n_train, "total": n_train + n_frozen,
             "trainable_pct": 100.0 * n_train / max(n_train + n_frozen, 1)}
+
+
+def _quant_note(cfg: RunConfig, model) -> str:
+    q = cfg.quantization
+    if q.quant_type is None:
+        return ""
+    n = sum(isinstance(m, QuantizedLinear) for _, m in named_modules(model))
+    return (f"; {n} linear layers in {q.quant_type}{' + double quant' if q.double_quant else ''}"
+            f" (blocksize {q.blocksize}, compute {q.compute_dtype})")
 
 
 def _peak_memory() -> dict:
@@ -265,7 +275,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     counts = param_counts(trainable, frozen)
     print_fn(f"model: {type(model.base_model if isinstance(model, PeftModel) else model).__name__}"
              f" ({cfg.peft.method}); trainable {counts['trainable']:,d} of {counts['total']:,d} "
-             f"parameters ({counts['trainable_pct']:.3f}%)")
+             f"parameters ({counts['trainable_pct']:.3f}%)" + _quant_note(cfg, model))
 
     stream = BatchStream(splits.train, batch_size=cfg.train.batch_size, buckets=splits.buckets,
                          seed=cfg.data.shuffle_seed, pad_id=tok.pad_token_id)

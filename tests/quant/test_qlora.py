@@ -21,7 +21,9 @@ pytest.importorskip("bitsandbytes")
 from peftjax import LoraConfig, get_peft_model  # noqa: E402
 from peftjax.models import from_pretrained, save_pretrained  # noqa: E402
 from peftjax.quant import QuantConfig  # noqa: E402
-from peftjax.quant._io import dequantize_model, has_quantized, quantize_model  # noqa: E402
+from peftjax.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from peftjax.quant._io import (dequantize_model, has_quantized, merge_and_requantize,  # noqa: E402
+                               quantize_model)
 from peftjax.quant._linear import QuantizedLinear, QuantWeight  # noqa: E402
 from peftjax.train import make_optimizer, make_train_step, split_model  # noqa: E402
 from peftjax.train._optim import OptimizerConfig  # noqa: E402
@@ -93,11 +95,43 @@ def test_quantized_sizes_and_errors(llama_pair, tmp_path):
     packed = sum(v[...].size for p, v in flat if p[-1] == "packed")
     assert packed * 2 == n_linear
     with pytest.raises(ValueError, match="dequantize_model"):
-        save_pretrained(model, str(tmp_path / "x"))
+        save_pretrained(model, str(tmp_path / "x"), dtype="bfloat16")
     with pytest.raises(ValueError, match="multiple of the blocksize"):
         QuantizedLinear(96, 64, use_bias=False, axes=("embed", "mlp"), dtype=jnp.float32)
     with pytest.raises(ValueError, match="blocksize=48"):
         QuantConfig(blocksize=48)
+
+
+@pytest.mark.parametrize("qcfg", [F32, QuantConfig("fp4", double_quant=False, blocksize=32,
+                                                  compute_dtype="float32")], ids=["nf4dq", "fp4"])
+def test_4bit_checkpoint_loads_in_transformers(llama_pair, tmp_path, qcfg):
+    """save_pretrained writes 4-bit layers in transformers' bitsandbytes layout: transformers
+    loads the directory as a 4-bit model with our logits, peftjax reads back the same bytes."""
+    import transformers as T
+    fp_dir, _, _ = llama_pair
+    model = from_pretrained(fp_dir, progress=False, quantization=qcfg)
+    save_pretrained(model, str(tmp_path / "q"))
+    qc = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == qcfg.quant_type and qc["llm_int8_skip_modules"] == ["lm_head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), device_map="cpu")
+    q_proj = theirs.model.layers[1].self_attn.q_proj
+    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.blocksize == \
+        qcfg.blocksize
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).logits.numpy()
+    ours = _logits(model)
+    print(f"{qcfg.quant_type}: max |ours - transformers loading our 4-bit checkpoint| "
+          f"{np.abs(ours - want[MASK == 1]).max():.2e}")
+    np.testing.assert_allclose(ours, want[MASK == 1], atol=1e-5)
+    again = from_pretrained(str(tmp_path / "q"), progress=False)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, QuantWeight)),
+                              nnx.to_flat_state(nnx.state(again, QuantWeight))):
+        assert np.array_equal(np.asarray(a[...]), np.asarray(b[...])), p
+    # dequantized and saved again, the checkpoint is a plain float one
+    save_pretrained(dequantize_model(again), str(tmp_path / "f"))
+    assert "quantization_config" not in json.load(open(tmp_path / "f" / "config.json"))
 
 
 def test_qlora_identity_trains_and_merges(llama_pair, tmp_path):
@@ -132,6 +166,16 @@ def test_qlora_identity_trains_and_merges(llama_pair, tmp_path):
     nnx.update(peft, trainable)
     trained = _logits(peft)
     assert np.abs(trained - before).max() > 1e-2
+    # re-quantizing a merge: the report's error over the adapter's change, recomputed by hand
+    _, reports = merge_and_requantize(nnx.clone(peft), F32, progress=False)
+    layer = peft.base_model.model.layers[1].mlp.down_proj
+    delta = np.asarray(layer.delta_IxO(), np.float32).T
+    merged_w = np.asarray(layer.weight_OxI(jnp.float32)) + delta
+    packed, state = quantize_4bit(jnp.asarray(merged_w), blocksize=64, double_quant=True)
+    err = np.linalg.norm(np.asarray(dequantize_4bit(packed, state)) - merged_w)
+    r = reports["model.layers.1.mlp.down_proj"]
+    assert r["of_delta"] == pytest.approx(err / np.linalg.norm(delta), rel=1e-4), r
+    assert len(reports) == 14 and all(r["of_delta"] > 0 for r in reports.values())
     merged = peft.merge_and_unload()
     assert not any(hasattr(m, "lora_A") for _, m in nnx.iter_graph(merged))
     np.testing.assert_allclose(_logits(merged), trained, atol=2e-5)

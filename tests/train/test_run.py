@@ -52,7 +52,7 @@ def write_config(tmp_path, model_path, name="run", **sections):
            "eval": {"batch_size": 64, "test_before": False},
            "output_dir": str(tmp_path / name)}
     for k, v in sections.items():
-        cfg[k].update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+        cfg[k].update(v) if isinstance(v, dict) and k in cfg else cfg.__setitem__(k, v)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path), cfg["output_dir"]
@@ -199,6 +199,65 @@ def test_eval_export_merge_commands(tiny_bert, tmp_path):
     with torch.no_grad():
         diff = (merged(**enc).logits - ref(**enc).logits).abs().max().item()
     assert diff < 1e-5, diff
+
+
+def test_qlora_train_eval_merge_commands(tiny_bert, tmp_path):
+    """QLoRA through the command line: ``quantization:`` in the YAML, eval of the 4-bit run,
+    ``merge --quantization`` into the dequantized base (float checkpoint) and ``--save-4bit``
+    (a bitsandbytes checkpoint that transformers loads), each checked against the unmerged
+    QLoRA model."""
+    quant = {"quant_type": "nf4", "blocksize": 32, "compute_dtype": "float32"}
+    cfg, out = write_config(tmp_path, tiny_bert, "qlora", train={"steps": 4, "save_every": 2},
+                            quantization=quant)
+    proc = cli("train", cfg, check=0)
+    # q, k, v, o, intermediate, output in 2 layers + the pooler; the classifier stays float
+    assert "13 linear layers in nf4 + double quant (blocksize 32" in proc.stdout, proc.stdout
+    proc = cli("eval", os.path.join(out, "config.yaml"), "--split", "test", check=0)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == \
+        summary["test"]["accuracy"]
+    full = yaml.safe_load(open(cfg))
+    full["peft"] = {"method": "full"}
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(full))
+    proc = cli("train", str(tmp_path / "full.yaml"), check=1)
+    assert "cannot train the nf4 (4-bit) weights" in proc.stderr
+    args = ["merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),
+            "--quantization", "nf4", "--blocksize", "32"]
+    cli(*args, "--out", str(tmp_path / "merged"), check=0)
+    proc = cli(*args, "--out", str(tmp_path / "merged4"), "--save-4bit", check=0)
+    # query and value of both layers were adapted; the other 4-bit layers keep their bytes
+    assert "re-quantized 4 merged layers to nf4: relative Frobenius error max 0.0" in proc.stdout
+    assert "error / adapter change: median" in proc.stdout
+
+    import jax.numpy as jnp
+    import torch
+    import transformers as T
+
+    from peftjax.models import from_pretrained
+    from peftjax.quant import QuantConfig
+    from peftjax.tuners import PeftModel
+    tok = T.AutoTokenizer.from_pretrained(tiny_bert)
+    enc = tok(["a fine film", "a dull mess of a movie"], padding=True, return_tensors="np")
+
+    def ours(model):
+        return np.asarray(model(jnp.asarray(enc["input_ids"]),
+                                attention_mask=jnp.asarray(enc["attention_mask"]),
+                                token_type_ids=jnp.asarray(enc["token_type_ids"])).logits)
+
+    def theirs(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = T.AutoModelForSequenceClassification.from_pretrained(path, device_map="cpu").eval()
+        with torch.no_grad():
+            return m(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
+
+    base = from_pretrained(tiny_bert, task="sequence_classification", progress=False,
+                           quantization=QuantConfig("nf4", blocksize=32, compute_dtype="float32"))
+    qlora = ours(PeftModel.from_pretrained(base, os.path.join(out, "adapter")))
+    np.testing.assert_allclose(theirs(str(tmp_path / "merged")), qlora, atol=1e-5)
+    four_bit = ours(from_pretrained(str(tmp_path / "merged4"), progress=False))
+    np.testing.assert_allclose(theirs(str(tmp_path / "merged4")), four_bit, atol=1e-5)
+    assert 0 < np.abs(four_bit - qlora).max() < 0.5  # what re-quantizing the merge costs
 
 
 def test_bad_input_is_reported(tiny_bert, tmp_path):

@@ -143,8 +143,7 @@ def _merge(args) -> int:
     if args.save_4bit:
         merged, reports = merge_and_requantize(peft, qcfg, dtype=args.dtype)
         if reports:
-            print(requantization_summary(reports).replace("merged layers", "merged layers to "
-                                                          + qcfg.quant_type, 1))
+            print(requantization_summary(reports, qcfg.quant_type))
     else:
         merged = dequantize_model(peft.merge_and_unload(args.dtype), args.dtype)
     save_pretrained(merged, args.out)

@@ -59,65 +59,47 @@ def unpermute_k(x_MxK, bk: int):
     return x_MxK.reshape(m, k // bk, 2, bk // 2).swapaxes(-1, -2).reshape(m, k)
 
 
-@functools.partial(jax.jit, static_argnames=("code", "blocksize", "bm", "bn", "bk", "dtype",
-                                             "interpret"))
-def matmul_nt(x_MxK, w_packed_NxK2, scales_NxKB, *, code, blocksize, bm, bn, bk, dtype,
-              interpret=False):
-    """f32 ``x @ W.T`` [M, N]; M, N, K must be multiples of bm, bn, bk; x already permuted."""
-    m, k = x_MxK.shape
-    n = w_packed_NxK2.shape[0]
+@functools.partial(jax.jit, static_argnames=("transpose", "code", "blocksize", "bm", "bn", "bk",
+                                             "dtype", "interpret"))
+def matmul(a, w_packed_NxK2, scales_NxKB, *, transpose: bool, code, blocksize, bm, bn, bk, dtype,
+           interpret=False):
+    """float32 ``x @ W.T`` [M, N] (x [M, K], already permuted by :func:`permute_k`) or, with
+    ``transpose``, ``dy @ W`` [M, K] in the permuted column order (dy [M, N]). M, N, K must be
+    multiples of bm, bn, bk. The grid's last axis is the reduction (K, or N for ``dy @ W``)."""
+    m = a.shape[0]
+    n, k = w_packed_NxK2.shape[0], 2 * w_packed_NxK2.shape[1]
     half = bk // 2
 
-    def kernel(x_ref, p_ref, s_ref, o_ref):
+    def kernel(a_ref, p_ref, s_ref, o_ref):
         @pl.when(pl.program_id(2) == 0)
         def _():
             o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
 
         hi, lo = _dequant_halves(p_ref[...], s_ref[...], code, blocksize, dtype)
-        x = x_ref[...].astype(dtype)
-        dims = (((1,), (1,)), ((), ()))
-        o_ref[...] += (jax.lax.dot_general(x[:, :half], hi, dims, preferred_element_type=jnp.float32)
-                       + jax.lax.dot_general(x[:, half:], lo, dims,
-                                             preferred_element_type=jnp.float32))
+        a = a_ref[...].astype(dtype)
+        if transpose:  # [bm, bn] @ [bn, bk/2] for each half of the output tile
+            o_ref[:, :half] += jnp.dot(a, hi, preferred_element_type=jnp.float32)
+            o_ref[:, half:] += jnp.dot(a, lo, preferred_element_type=jnp.float32)
+        else:  # [bm, bk/2] . [bn, bk/2]^T for each half of the input tile
+            dims = (((1,), (1,)), ((), ()))
+            o_ref[...] += (
+                jax.lax.dot_general(a[:, :half], hi, dims, preferred_element_type=jnp.float32)
+                + jax.lax.dot_general(a[:, half:], lo, dims, preferred_element_type=jnp.float32))
 
+    if transpose:  # grid (i, kk, j): j over N is the reduction
+        grid, out = (m // bm, k // bk, n // bn), (m, k)
+        a_spec = pl.BlockSpec((bm, bn), lambda i, kk, j: (i, j))
+        w_index = lambda i, kk, j: (j, kk)  # noqa: E731
+        out_spec = pl.BlockSpec((bm, bk), lambda i, kk, j: (i, kk))
+    else:  # grid (i, j, kk): kk over K is the reduction
+        grid, out = (m // bm, n // bn, k // bk), (m, n)
+        a_spec = pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk))
+        w_index = lambda i, j, kk: (j, kk)  # noqa: E731
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))
     return pl.pallas_call(
-        kernel,
-        grid=(m // bm, n // bn, k // bk),
-        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-                  pl.BlockSpec((bn, half), lambda i, j, kk: (j, kk)),
-                  pl.BlockSpec((bn, bk // blocksize), lambda i, j, kk: (j, kk))],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
+        kernel, grid=grid,
+        in_specs=[a_spec, pl.BlockSpec((bn, half), w_index),
+                  pl.BlockSpec((bn, bk // blocksize), w_index)],
+        out_specs=out_spec, out_shape=jax.ShapeDtypeStruct(out, jnp.float32),
         interpret=interpret,
-    )(x_MxK, w_packed_NxK2, scales_NxKB)
-
-
-@functools.partial(jax.jit, static_argnames=("code", "blocksize", "bm", "bn", "bk", "dtype",
-                                             "interpret"))
-def matmul_nn(dy_MxN, w_packed_NxK2, scales_NxKB, *, code, blocksize, bm, bn, bk, dtype,
-              interpret=False):
-    """f32 ``dy @ W`` [M, K] in the permuted column order (see :func:`permute_k`)."""
-    m, n = dy_MxN.shape
-    k = 2 * w_packed_NxK2.shape[1]
-    half = bk // 2
-
-    def kernel(dy_ref, p_ref, s_ref, o_ref):
-        @pl.when(pl.program_id(2) == 0)
-        def _():
-            o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
-
-        hi, lo = _dequant_halves(p_ref[...], s_ref[...], code, blocksize, dtype)
-        dy = dy_ref[...].astype(dtype)
-        o_ref[:, :half] += jnp.dot(dy, hi, preferred_element_type=jnp.float32)
-        o_ref[:, half:] += jnp.dot(dy, lo, preferred_element_type=jnp.float32)
-
-    return pl.pallas_call(
-        kernel,
-        grid=(m // bm, k // bk, n // bn),
-        in_specs=[pl.BlockSpec((bm, bn), lambda i, kk, j: (i, j)),
-                  pl.BlockSpec((bn, half), lambda i, kk, j: (j, kk)),
-                  pl.BlockSpec((bn, bk // blocksize), lambda i, kk, j: (j, kk))],
-        out_specs=pl.BlockSpec((bm, bk), lambda i, kk, j: (i, kk)),
-        out_shape=jax.ShapeDtypeStruct((m, k), jnp.float32),
-        interpret=interpret,
-    )(dy_MxN, w_packed_NxK2, scales_NxKB)
+    )(a, w_packed_NxK2, scales_NxKB)

@@ -56,9 +56,9 @@ def _apply(a, w_packed, scales, code, blocksize, dtype, impl, transpose):
     kw = dict(code=code, blocksize=blocksize, bm=bm, bn=bn, bk=bk, dtype=dtype,
               interpret=impl == "interpret")
     if transpose:
-        out = K.unpermute_k(K.matmul_nn(a2, w_packed, scales, **kw), bk)
+        out = K.unpermute_k(K.matmul(a2, w_packed, scales, transpose=True, **kw), bk)
     else:
-        out = K.matmul_nt(K.permute_k(a2, bk), w_packed, scales, **kw)
+        out = K.matmul(K.permute_k(a2, bk), w_packed, scales, transpose=False, **kw)
     return out[:m].astype(dtype).reshape(*a.shape[:-1], -1)
 
 

@@ -216,15 +216,15 @@ def merge_and_requantize(peft, config: QuantConfig, *, dtype=None,
     return model, reports
 
 
-def requantization_summary(reports: dict) -> str:
+def requantization_summary(reports: dict, quant_type: str) -> str:
     """One line (two with a warning) describing :func:`merge_and_requantize`'s reports."""
     rel = sorted(r["rel_fro"] for r in reports.values())
-    line = (f"re-quantized {len(rel)} merged layers: relative Frobenius error max {rel[-1]:.4f}, "
-            f"mean {sum(rel) / len(rel):.4f}")
     of = sorted(r["of_delta"] for r in reports.values() if "of_delta" in r)
+    line = (f"quantized {len(rel)} layers to {quant_type} ({len(of)} of them merged): relative "
+            f"Frobenius error max {rel[-1]:.4f}, mean {sum(rel) / len(rel):.4f}")
     if of:
         median = of[len(of) // 2]
-        line += (f"; error / adapter change: median {median:.2f}, max {of[-1]:.2f}")
+        line += f"; error / adapter change: median {median:.2f}, max {of[-1]:.2f}"
         if median >= 0.5:
             line += ("\nwarning: rounding to 4 bits undoes much of the adapter's change, so the "
                      "4-bit merged model keeps little of what was learned; serve the float merge "

@@ -190,8 +190,8 @@ def fmt(row: dict) -> str:
     if "ms" not in row:
         return (f"| {row['shape']} | {row['m']} | {row['method']} | - | - | - | - | - | - | "
                 f"{row['note']} |")
-    return (f"| {row['shape']} | {row['m']} | {row['method']} | {row['ms']:.4f} | "
-            f"{row['tflops']:.3f} | {row['gbs']:.1f} | {row['pct_bw']:.1f}% | "
+    return (f"| {row['shape']} | {row['m']} | {row['method']} | {row['ms']:.4g} | "
+            f"{row['tflops']:.4g} | {row['gbs']:.4g} | {row['pct_bw']:.1f}% | "
             f"{row.get('vs_dense', float('nan')):.2f}x | {row['rel_err']:.1e} | {row['note']} |")
 
 

@@ -120,7 +120,7 @@ def run(args) -> tuple[list[dict], dict]:
     rows = []
     rng = np.random.default_rng(0)
     for n, k in s["shapes"]:
-        # weights: normal with a few larger rows, like trained projections; quantized by peftjax
+        # weights: normal(0, 0.02), the scale of initialised projections; quantized by peftjax
         w_sets, packed_sets, scale_sets = [], [], []
         for _ in range(s["sets"]):
             w = rng.standard_normal((n, k), np.float32) * 0.02

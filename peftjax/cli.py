@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default=None, choices=["nf4", "fp4"],
                    help="QLoRA adapter: load the base in this 4-bit format (as in training) and "
                    "merge into its dequantized weights")
-    p.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64)")
+    p.add_argument("--blocksize", type=int, default=None,
+                   help="4-bit blocksize (default 64), with --quantization or --save-4bit")
     p.add_argument("--no-double-quant", action="store_true",
                    help="the 4-bit base was stored without double quantization")
     p.add_argument("--save-4bit", action="store_true",
@@ -135,8 +136,11 @@ def _merge(args) -> int:
                 "CAUSAL_LM": "causal_lm"}.get(tt)
     from peftjax.quant import QuantConfig
     from peftjax.quant._io import dequantize_model, merge_and_requantize, requantization_summary
+    if not (args.quantization or args.save_4bit) and (args.blocksize or args.no_double_quant):
+        raise ValueError("--blocksize and --no-double-quant describe 4-bit storage: add "
+                         "--quantization (a QLoRA base) or --save-4bit (a 4-bit merge)")
     qcfg = QuantConfig(args.quantization or "nf4", not args.no_double_quant, args.dtype,
-                       args.blocksize)
+                       args.blocksize or 64)
     base = from_pretrained(args.model, task=task, dtype=args.dtype,
                            quantization=qcfg if args.quantization else None)
     peft = PeftModel.from_pretrained(base, args.adapter)

@@ -318,7 +318,8 @@ def _plan_quantized(model, cfg, index, open_file, quantization, dtype, param_dty
     from peftjax.quant import _io
     if not prequantized:
         shapes = _io.swap_in_quantized(model, quantization, param_dtype)
-        return {name: {"mode": "quantize", "keys": [name + ".weight"], "shape": shape}
+        return {name: {"mode": "quantize", "keys": [name + ".weight"], "shape": shape,
+                       "offset_threads": quantization.offset_threads}
                 for name, shape in shapes.items()}
     from peftjax.tuners._targets import get_submodule, set_submodule
     names = {n for n, _ in _io.named_modules(model)}
@@ -368,7 +369,8 @@ def _load_quantized(model, plan, mapping, index, open_file, param_dtype, progres
             w_OxI = jnp.asarray(np.asarray(read(q["keys"][0])).astype(param_dtype, copy=False))
             packed, state = quantize_4bit(w_OxI, quant_type=layer.quant_type,
                                           blocksize=layer.blocksize,
-                                          double_quant=layer.double_quant)
+                                          double_quant=layer.double_quant,
+                                          offset_threads=q["offset_threads"])
             del w_OxI
         else:
             packed, state = _io.read_bnb_layer(read, has, name, q["quant_type"])

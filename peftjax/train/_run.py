@@ -96,15 +96,15 @@ def param_counts(trainable, frozen) -> dict:
     """Parameter counts; a 4-bit weight counts two parameters per packed byte and its
     quantization state (absmax, ...) counts none."""
     def size(tree):
-        n = 0
+        total = 0
         for path, x in jax.tree_util.tree_leaves_with_path(tree):
             names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-            names = [n for n in names if n != "value"]
+            names = [name for name in names if name != "value"]
             last = names[-1] if names else ""
             if last in STATE_NAMES:
                 continue
-            n += int(np.prod(x.shape)) * (2 if last == "packed" else 1)
-        return n
+            total += int(np.prod(x.shape)) * (2 if last == "packed" else 1)
+        return total
     n_train, n_frozen = size(trainable), size(frozen)
     return {"trainable": n_train, "total": n_train + n_frozen,
             "trainable_pct": 100.0 * n_train / max(n_train + n_frozen, 1)}

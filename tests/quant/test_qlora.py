@@ -246,3 +246,32 @@ def test_quantize_on_load_never_holds_the_float_model(tmp_path):
     assert grew < 0.6 * float_bytes  # never the float model
     assert r["end"] - r["start"] < 0.4 * float_bytes  # the 4-bit model (+ runtime overhead)
     assert r["peak"] - r["end"] < 6 * largest  # in flight: a few copies of one weight
+
+
+def test_quantize_on_load_reproduces_a_multithreaded_bitsandbytes_offset(tmp_path):
+    """QuantConfig.offset_threads reaches quantize-on-load: above 32768 blocks PyTorch splits
+    the double-quant mean across threads, and the offset (hence every absmax code) follows."""
+    import bitsandbytes.functional as bnbF
+    import transformers as T
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=4608,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                        max_position_embeddings=16)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = T.LlamaForCausalLM(cfg)
+        ref.save_pretrained(tmp_path / "m")
+    w = ref.model.layers[0].mlp.gate_proj.weight.detach()  # 4608 x 256: 36864 blocks of 32
+    torch.set_num_threads(2)
+    try:
+        _, bnb_state = bnbF.quantize_4bit(w, blocksize=32, compress_statistics=True,
+                                          quant_type="nf4")
+    finally:
+        torch.set_num_threads(1)
+    offsets = {}
+    for threads in (1, 2):
+        m = from_pretrained(str(tmp_path / "m"), progress=False,
+                            quantization=QuantConfig(blocksize=32, offset_threads=threads))
+        offsets[threads] = float(m.model.layers[0].mlp.gate_proj.offset[...])
+    assert offsets[1] != offsets[2]  # the thread split changes this mean, so the check can fail
+    assert offsets[2] == float(bnb_state.offset)

@@ -229,6 +229,9 @@ def test_qlora_train_eval_merge_commands(tiny_bert, tmp_path):
     assert "quantized 4 layers to nf4 (4 of them merged): relative Frobenius error max 0.0" \
         in proc.stdout
     assert "error / adapter change: median" in proc.stdout
+    proc = cli(*args[:5], "--blocksize", "32", "--out", str(tmp_path / "m"), check=1)
+    assert "describe 4-bit storage: add --quantization" in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "m")
 
     import jax.numpy as jnp
     import torch

@@ -187,8 +187,21 @@ COMMANDS = {"train": _train, "eval": _eval, "export": _export, "memory": _memory
             "generate": _generate}
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parses the command line; KEY=VALUE overrides may stand before, between or after the
+    options (argparse alone takes positionals only in one run)."""
+    ap = _parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or not hasattr(args, "overrides"):
+            ap.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     if (args.command == "memory" or getattr(args, "dry_run", False)) and "jax" not in sys.modules:
         # plan with XLA:CPU's memory-minimising scheduler (its default favours concurrency and
         # keeps buffers alive that GPU/TPU schedulers would free)

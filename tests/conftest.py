@@ -67,6 +67,21 @@ ENCODERS = ["bert", "roberta"]
 ALL = DECODERS + ["gpt2"] + ENCODERS
 
 
+class _EagerAttention:
+    """A transformers Auto class whose models load with eager attention, the reference math:
+    transformers 4.x picks SDPA by default, which silently drops Gemma 2's attention
+    soft-capping (logits 0.56 away on the tiny Gemma 2)."""
+
+    def __init__(self, auto):
+        self.auto = auto
+
+    def from_pretrained(self, *args, **kwargs):
+        return self.auto.from_pretrained(*args, **{"attn_implementation": "eager", **kwargs})
+
+    def from_config(self, *args, **kwargs):
+        return self.auto.from_config(*args, **{"attn_implementation": "eager", **kwargs})
+
+
 def hf_class(arch: str, task: str):
     import transformers as T
     enc = arch in ENCODERS
@@ -75,7 +90,7 @@ def hf_class(arch: str, task: str):
              "token_classification": "AutoModelForTokenClassification"}
     if enc and task == "causal_lm":
         raise ValueError(arch)
-    return getattr(T, names[task])
+    return _EagerAttention(getattr(T, names[task]))
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +173,46 @@ def train_briefly(model, task: str, ids, mask, *, steps: int = 3, lr: float = 1e
         losses.append(float(metrics["loss"]))
     nnx.update(model, trainable)
     return losses
+
+
+def exact_bitsandbytes():
+    """Import bitsandbytes as the 4-bit reference, with its two CPU-feature-dependent paths
+    (bitsandbytes >= 0.49 on x86 CPUs with AVX512) routed to the exact ones it takes elsewhere.
+
+    1. Its native CPU ``dequantize_4bit`` indexes ``absmax`` per row on AVX512F CPUs
+       (``absmax[row * (n // blocksize) + col // blocksize]``), which is wrong whenever a
+       row's length ``n`` is not a multiple of the blocksize: blocks are flat over the whole
+       tensor, as its CUDA kernels, its scalar CPU loop and its own generic implementation
+       agree (its ARM branch has the missing ``n % blocksize == 0`` guard). The 4-bit format
+       is flat, so such tensors are dequantized here as one row of ``numel`` values by the same
+       native kernel, then reshaped.
+    2. ``Linear4bit`` in inference (eval, no grad) on CPUs with AVX512_BF16 repacks its weight
+       and computes in bfloat16 (input and absmax rounded to bf16) through a fused kernel; the
+       float32 path it takes on other CPUs and on GPUs is the one we compare with.
+
+    Both are switched off so that the same bitsandbytes gives the same numbers on every x86
+    machine; ``tests/quant/test_formats.py`` checks finding 1 against a float64 computation.
+    """
+    import copy
+
+    import torch
+
+    import bitsandbytes.functional as F
+    import bitsandbytes.nn.modules as bnb_modules
+    if getattr(F, "_peftjax_exact", False):
+        return F
+    native = F.dequantize_4bit
+
+    def dequantize_4bit(A, quant_state=None, *args, **kwargs):
+        qs = quant_state
+        if qs is not None and len(qs.shape) > 1 and qs.shape[-1] % qs.blocksize:
+            flat = copy.copy(qs)
+            flat.shape = torch.Size([qs.shape.numel()])
+            return native(A, flat, *args, **kwargs).reshape(qs.shape)
+        return native(A, quant_state, *args, **kwargs)
+
+    F.dequantize_4bit = dequantize_4bit
+    if hasattr(bnb_modules, "has_avx512bf16"):
+        bnb_modules.has_avx512bf16 = lambda: False
+    F._peftjax_exact = True
+    return F

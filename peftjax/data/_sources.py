@@ -3,6 +3,8 @@ dataset name (through Hugging Face ``datasets``), or a built-in ``vader:CORPUS``
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import numpy as np
@@ -53,9 +55,7 @@ def load_rows(source: str, *, splits: list[str]) -> dict[str, list[dict]]:
     if files:
         for split in splits:
             if split in files:
-                ds = datasets.load_dataset(_builder(files[split]), data_files=files[split],
-                                           split="train")
-                out[split] = ds.to_list()
+                out[split] = _read_file(files[split])
         if not out:
             raise ValueError(f"data source {source!r} has splits {sorted(files)}; the config asks "
                              f"for {splits}. Set data.train_split / validation_split / test_split.")
@@ -70,6 +70,60 @@ def load_rows(source: str, *, splits: list[str]) -> dict[str, list[dict]]:
         if split in available:
             out[split] = datasets.load_dataset(source, split=split).to_list()
     return out
+
+
+def _read_file(path: str) -> list[dict]:
+    """The rows of one local data file; a file that is empty or does not parse fails with one
+    line naming the file (and, for JSON, the line and what is wrong there)."""
+    import datasets
+
+    kind = _builder(path)
+    with open(path, "rb") as f:
+        if not f.read(1 << 16).strip():
+            raise ValueError(f"{path}: the file is empty; a data file needs at least one row")
+    quiet = logging.getLogger("datasets")  # its loaders log the raw parser error first
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        rows = datasets.load_dataset(kind, data_files=path, split="train").to_list()
+    except Exception as e:  # datasets wraps the parser's error in its own generation errors
+        where = _first_bad_json(path) if kind == "json" else None
+        if where is None:
+            root = e
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            lines = str(root).strip().splitlines()
+            where = f"{type(root).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+        raise ValueError(f"{path}: could not be read as {kind}: {where}") from e
+    finally:
+        quiet.setLevel(level)
+    if not rows:
+        raise ValueError(f"{path}: no rows; a data file needs at least one row")
+    return rows
+
+
+def _first_bad_json(path: str) -> str | None:
+    """Where a JSON or JSON-lines file stops parsing (``line N: message``), or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte {e.start}: {e.reason})"
+    if text.lstrip().startswith("["):  # one JSON document holding a list of rows
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: {e.msg}"
+        return None
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}: {e.msg} (column {e.colno}) in {line.strip()[:80]!r}"
+            if not isinstance(row, dict):
+                return f"line {n}: expected a JSON object per line, got {type(row).__name__}"
+    return None
 
 
 def carve_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

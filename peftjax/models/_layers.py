@@ -444,12 +444,21 @@ def last_token_index(attention_mask_BT: Array | None, seq_len: int, batch: int) 
     return jnp.max(jnp.where(attention_mask_BT.astype(bool), idx, 0), axis=-1)
 
 
+def first_token(hidden_BTE: Array, attention_mask_BT: Array | None) -> Array:
+    """[B, E] hidden state of the leftmost real token per row (the [CLS] slot of an encoder,
+    wherever the padding is)."""
+    if attention_mask_BT is None:
+        return hidden_BTE[:, 0]
+    first_B = jnp.argmax(attention_mask_BT.astype(bool), axis=-1)
+    return hidden_BTE[jnp.arange(hidden_BTE.shape[0]), first_B]
+
+
 def pool(hidden_BTE: Array, attention_mask_BT: Array | None, how: str = "mean",
          normalize: bool = False) -> Array:
     """Pools hidden states to one vector per sequence.
 
-    ``how``: ``mean`` (masked mean, as sentence-transformers), ``cls`` (first token), ``last``
-    (rightmost real token). With ``normalize`` the result has unit L2 norm.
+    ``how``: ``mean`` (masked mean, as sentence-transformers), ``cls`` (leftmost real token),
+    ``last`` (rightmost real token); padding may be on either side. With ``normalize`` the result has unit L2 norm.
     """
     B, T, _ = hidden_BTE.shape
     h = hidden_BTE.astype(jnp.float32)
@@ -457,7 +466,7 @@ def pool(hidden_BTE: Array, attention_mask_BT: Array | None, how: str = "mean",
         m = (jnp.ones((B, T)) if attention_mask_BT is None else attention_mask_BT).astype(jnp.float32)
         out = jnp.sum(h * m[..., None], axis=1) / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1e-9)
     elif how == "cls":
-        out = h[:, 0]
+        out = first_token(h, attention_mask_BT)
     elif how == "last":
         out = h[jnp.arange(B), last_token_index(attention_mask_BT, T, B)]
     else:

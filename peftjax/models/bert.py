@@ -159,15 +159,20 @@ class BertModel(nnx.Module):
         self.pooler = pooler
         self.remat = "none"  # per-block rematerialisation policy (peftjax.train.set_remat)
 
-    def default_positions(self, input_ids, B: int, T: int):
+    def default_positions(self, input_ids, attention_mask, B: int, T: int):
+        """Absolute position ids that count real tokens, so that left and right padding give
+        the same embeddings (equal to transformers' on right-padded input; RoBERTa's start
+        after its padding index, as transformers derives them from the padding tokens)."""
         cfg = self.config
-        if cfg.model_type != "roberta":
-            return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        pad = cfg.pad_token_id
-        if input_ids is None:  # as transformers: sequential ids after the padding index
-            return jnp.broadcast_to(jnp.arange(pad + 1, pad + 1 + T, dtype=jnp.int32), (B, T))
-        real = (input_ids != pad).astype(jnp.int32)
-        return jnp.cumsum(real, axis=1) * real + pad
+        offset = cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0
+        if attention_mask is None and cfg.model_type == "roberta" and input_ids is not None:
+            attention_mask = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+        if attention_mask is None:
+            return jnp.broadcast_to(jnp.arange(offset, offset + T, dtype=jnp.int32), (B, T))
+        real = attention_mask.astype(jnp.int32)
+        if cfg.model_type == "roberta":  # padding slots get the padding index, as transformers
+            return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+        return L.default_positions(real, T, 0)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  token_type_ids=None, extra_kv=None, dropout_rng=None, cache=None) -> L.ModelOutput:
@@ -179,7 +184,7 @@ class BertModel(nnx.Module):
         x = L.embed_inputs(input_ids, inputs_embeds, emb.word_embeddings, self.dtype)
         B, T, _ = x.shape
         if positions is None:
-            positions = self.default_positions(input_ids, B, T)
+            positions = self.default_positions(input_ids, attention_mask, B, T)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((B, T), jnp.int32)
         x = x + emb.token_type_embeddings(token_type_ids) + emb.position_embeddings(positions)
@@ -192,7 +197,8 @@ class BertModel(nnx.Module):
             x = L.call_block(layer, self.remat, x, mask_BTS=mask,
                              extra=extra_kv[i] if extra_kv is not None else None,
                              dropout_rng=L.fold(dropout_rng, i))
-        pooled = jnp.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
+        pooled = (jnp.tanh(self.pooler.dense(L.first_token(x, attention_mask)))
+                  if self.pooler is not None else None)
         return L.ModelOutput(hidden_states=x, pooled=pooled)
 
     @property
@@ -242,7 +248,8 @@ class BertForSequenceClassification(_EncoderTask):
         if isinstance(self.classifier, L.Linear):
             logits = self.classifier(L.dropout(out.pooled, r, L.fold(dropout_rng, -2)))
         else:
-            h = L.dropout(out.hidden_states[:, 0], r, L.fold(dropout_rng, -2))
+            h = L.first_token(out.hidden_states, kw.get("attention_mask"))
+            h = L.dropout(h, r, L.fold(dropout_rng, -2))
             h = jnp.tanh(self.classifier.dense(h))
             logits = self.classifier.out_proj(L.dropout(h, r, L.fold(dropout_rng, -3)))
         return out.replace(logits=logits)

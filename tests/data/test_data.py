@@ -171,3 +171,24 @@ def test_load_splits_from_files_and_validation_fraction(bert_tok, tmp_path):
         bad.write_text("<a/>")
         load_splits(DataSection(source=str(bad)), bert_tok)
     assert os.path.isfile(src)
+
+
+def test_broken_or_empty_files_are_one_clear_error(tmp_path):
+    from peftjax.data import load_rows
+    good = json.dumps({"text": "a", "label": 0})
+    cases = {
+        "broken.jsonl": (f"{good}\n{good}\n" + '{"text": "b", "label": \n',
+                         r"broken.jsonl: could not be read as json: line 3: Expecting value"),
+        "array.json": ('[{"text": "a", "label": 0},\n {"text": "b" "label": 1}]',
+                       r"array.json: could not be read as json: line 2, column 15: Expecting ','"),
+        "scalar.jsonl": (f"{good}\n5\n", r"line 2: expected a JSON object per line, got int"),
+        "empty.jsonl": ("", r"empty.jsonl: the file is empty"),
+        "blank.jsonl": ("\n  \n", r"blank.jsonl: the file is empty"),
+    }
+    for name, (text, message) in cases.items():
+        d = tmp_path / name.split(".")[0]
+        d.mkdir()
+        (d / name.replace(name.split(".")[0], "train")).write_text(text)
+        with pytest.raises(ValueError, match=message.replace(name.split(".")[0] + ".",
+                                                             "train.")):
+            load_rows(str(d), splits=["train"])

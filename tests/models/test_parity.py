@@ -72,6 +72,28 @@ def test_classification_heads_match_transformers(tiny_dir, arch, task):
         assert np.abs(got - ref).max() <= F32_TOL, (arch, task, left)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "roberta"])
+def test_padding_side_does_not_change_outputs(tiny_dir, arch):
+    """One rule for every family: default positions count real tokens and pooling finds the
+    first/last real token, so the same sentences padded on the left, on the right, or run alone
+    give the same hidden states at their real tokens and the same classification logits."""
+    task = "sequence_classification"
+    model = from_pretrained(tiny_dir(arch, task), task=task, progress=False)
+    lengths = (10, 4, 7)
+    right_ids, right_mask = batch(lengths=lengths)
+    left_ids, left_mask = batch(lengths=lengths, left=True)
+    right, left = forward(model, right_ids, right_mask), forward(model, left_ids, left_mask)
+    for i, n in enumerate(lengths):
+        alone = forward(model, right_ids[i:i + 1, :n], right_mask[i:i + 1, :n])
+        want_h, want_logits = np.asarray(alone.hidden_states[0]), np.asarray(alone.logits[0])
+        T = right_ids.shape[1]
+        for name, out, sl in (("right", right, slice(0, n)), ("left", left, slice(T - n, T))):
+            np.testing.assert_allclose(np.asarray(out.hidden_states[i, sl]), want_h, atol=1e-5,
+                                       err_msg=f"{arch} {name}-padded row {i}")
+            np.testing.assert_allclose(np.asarray(out.logits[i]), want_logits, atol=1e-5,
+                                       err_msg=f"{arch} {name}-padded row {i}")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "bert"])
 def test_bf16_compute_close_to_f32_and_no_worse_than_transformers(tiny_dir, arch):
     """bf16 keeps 8 mantissa bits (relative rounding 2**-9 ~ 2e-3 per op), so bf16 logits

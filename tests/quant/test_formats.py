@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-F = pytest.importorskip("bitsandbytes.functional")
+pytest.importorskip("bitsandbytes")
 
 from peftjax.quant import (DYNAMIC_CODE, FP4_CODE, NF4_CODE, QuantState,  # noqa: E402
                            dequantize_4bit, quantize_4bit, torch_cpu_mean)
+from tests.conftest import exact_bitsandbytes  # noqa: E402
+
+F = exact_bitsandbytes()
 
 # bitsandbytes' dequantize is torch.compile'd per shape and dtype; many cases exceed dynamo's
 # default recompile limit, after which it silently falls back to eager (same numbers).
@@ -55,6 +58,24 @@ def test_quantize_4bit_is_bit_identical(quant_type):
         deq = np.asarray(dequantize_4bit(packed, state).astype(jnp.float32))
         assert np.array_equal(deq.reshape(-1),
                               F.dequantize_4bit(packed_t, state_t).float().numpy().reshape(-1)), where
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_is_code_times_absmax_in_float64(quant_type):
+    """Dequantization from the bytes alone: ``code[nibble] * absmax[flat index // blocksize]``
+    computed in float64, for blocks that do and do not divide the rows (the case bitsandbytes'
+    AVX512 CPU kernel gets wrong, see ``exact_bitsandbytes``)."""
+    code = {"nf4": NF4_CODE, "fp4": FP4_CODE}[quant_type].astype(np.float64)
+    for shape, bs in itertools.product([(64, 64), (33, 17), (3, 7, 64), (300, 257)],
+                                       [32, 64, 256, 4096]):
+        x = jnp.asarray(_weights(shape, torch.float32, 0).numpy())
+        packed, state = quantize_4bit(x, quant_type=quant_type, blocksize=bs)
+        b = np.asarray(packed).astype(np.uint8)
+        nibbles = np.stack([b >> 4, b & 15], 1).reshape(-1)[:x.size]
+        want = code[nibbles] * np.repeat(np.asarray(state.absmax, np.float64), bs)[:x.size]
+        got = np.asarray(dequantize_4bit(packed, state)).reshape(-1)
+        # float32 rounding of one product: half an ulp
+        np.testing.assert_allclose(got, want, rtol=2 ** -24, atol=0, err_msg=f"{shape} {bs}")
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -27,7 +27,9 @@ from peftjax.quant._io import (dequantize_model, has_quantized, merge_and_requan
 from peftjax.quant._linear import QuantizedLinear, QuantWeight  # noqa: E402
 from peftjax.train import make_optimizer, make_train_step, split_model  # noqa: E402
 from peftjax.train._optim import OptimizerConfig  # noqa: E402
-from tests.conftest import batch  # noqa: E402
+from tests.conftest import batch, exact_bitsandbytes  # noqa: E402
+
+exact_bitsandbytes()
 
 F32 = QuantConfig(compute_dtype="float32")
 IDS = np.array([[1, 5, 9, 33, 2, 7, 100, 3], [4, 4, 150, 20, 11, 0, 0, 0]])
@@ -51,7 +53,8 @@ def llama_pair(tmp_path_factory):
         warnings.simplefilter("ignore")
         T.LlamaForCausalLM(cfg).save_pretrained(root / "fp")
         q4 = T.AutoModelForCausalLM.from_pretrained(
-            root / "fp", device_map="cpu", quantization_config=T.BitsAndBytesConfig(
+            root / "fp", device_map="cpu", dtype=torch.float32,
+            quantization_config=T.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.float32))
         q4.save_pretrained(root / "q4")
@@ -115,7 +118,8 @@ def test_4bit_checkpoint_loads_in_transformers(llama_pair, tmp_path, qcfg):
     assert qc["bnb_4bit_quant_type"] == qcfg.quant_type and qc["llm_int8_skip_modules"] == ["lm_head"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), device_map="cpu")
+        theirs = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), device_map="cpu",
+                                                        dtype=torch.float32)
     q_proj = theirs.model.layers[1].self_attn.q_proj
     assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.blocksize == \
         qcfg.blocksize

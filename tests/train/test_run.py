@@ -240,6 +240,8 @@ def test_qlora_train_eval_merge_commands(tiny_bert, tmp_path):
     from peftjax.models import from_pretrained
     from peftjax.quant import QuantConfig
     from peftjax.tuners import PeftModel
+    from tests.conftest import exact_bitsandbytes
+    exact_bitsandbytes()
     tok = T.AutoTokenizer.from_pretrained(tiny_bert)
     enc = tok(["a fine film", "a dull mess of a movie"], padding=True, return_tensors="np")
 
@@ -251,7 +253,8 @@ def test_qlora_train_eval_merge_commands(tiny_bert, tmp_path):
     def theirs(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = T.AutoModelForSequenceClassification.from_pretrained(path, device_map="cpu").eval()
+            m = T.AutoModelForSequenceClassification.from_pretrained(path, device_map="cpu",
+                                                          dtype=torch.float32).eval()
         with torch.no_grad():
             return m(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
 
@@ -268,10 +271,18 @@ def test_bad_input_is_reported(tiny_bert, tmp_path):
     cfg, out = write_config(tmp_path, tiny_bert, "typo")
     proc = cli("train", cfg, "train.lrate=1", check=1)
     assert "unknown key 'train.lrate'" in proc.stderr and "did you mean 'lr'" in proc.stderr
+    proc = cli("train", cfg, "--dry-run", "train.lrate=1", check=1)  # overrides after options
+    assert "unknown key 'train.lrate'" in proc.stderr, proc.stderr
     proc = cli("train", cfg, "peft.target_modules=[nothing_here]", check=1)
     assert "nothing_here" in proc.stderr
     proc = cli("train", cfg, f"model.path={tmp_path / 'missing'}", check=1)
     assert "no such directory" in proc.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": \n')
+    proc = cli("train", cfg, f"data.source={broken}", check=1)
+    assert "train.jsonl: could not be read as json: line 2: Expecting value" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
     os.makedirs(os.path.join(out, "checkpoints", "5"))
     proc = cli("train", cfg, check=1)
     assert "train.resume=true" in proc.stderr

@@ -126,12 +126,16 @@ def _memory(args) -> int:
 
 
 def _merge(args) -> int:
-    from peftjax.checkpoint import read_config
     from peftjax.models import CheckpointError, from_pretrained, save_pretrained
-    from peftjax.tuners import PeftModel
+    from peftjax.tuners import PeftModel, read_config
+    adapter_cfg = read_config(args.adapter)
+    if not adapter_cfg.mergeable:
+        raise ValueError(f"{args.adapter}: {adapter_cfg.method} cannot be merged into the "
+                         f"weights: {adapter_cfg.merge_reason} Use the adapter with the base "
+                         "model instead (peftjax generate --adapter, PeftModel.from_pretrained).")
     task = args.task
     if task is None:
-        tt = read_config(args.adapter).task_type
+        tt = adapter_cfg.task_type
         task = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
                 "CAUSAL_LM": "causal_lm"}.get(tt)
     from peftjax.quant import QuantConfig

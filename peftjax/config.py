@@ -8,7 +8,7 @@ they are validated the same way.
 Example::
 
     cfg = load_config("configs/quickstart.yaml", overrides=["train.lr=1e-4", "peft.r=16"])
-    cfg.peft.lora_config()      # -> peftjax.LoraConfig
+    cfg.peft.tuner_config()     # -> peftjax.LoraConfig (or the method's config)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 from peftjax.quant._formats import QuantConfig
 from peftjax.train._optim import OptimizerConfig
 from peftjax.train._sharding import MeshConfig
-from peftjax.tuners._lora import LoraConfig
+from peftjax.tuners._base import TunerConfig, registered
 
 
 class ConfigError(ValueError):
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 DTYPES = ("float32", "bfloat16", "float16")
 TASKS = ("causal_lm", "sequence_classification", "token_classification")
-PEFT_METHODS = ("lora", "head", "full")
+PLAIN_METHODS = ("head", "full")  # besides every registered PEFT method (peftjax.tuners)
 DATA_FORMATS = ("classification", "instruction", "chat", "text")
 
 
@@ -73,32 +73,42 @@ class ModelSection:
         _raise("model", p)
 
 
-_LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraConfig) if f.init)
+def _method_fields(method: str) -> tuple[str, ...]:
+    cls = registered().get(method)
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init) if cls else ()
 
 
 @dataclasses.dataclass(frozen=True)
 class PeftSection:
-    """``method``: ``lora`` (the LoRA keys are PEFT's ``LoraConfig`` names), ``head`` (train only
-    ``head_modules``, e.g. the classifier) or ``full`` (every weight trains)."""
+    """``method``: a PEFT method (``lora``, ``prompt_tuning``, ...; the other keys of the
+    section are the fields of PEFT's config for that method, e.g. ``r`` or
+    ``num_virtual_tokens``), ``head`` (train only ``head_modules``, e.g. the classifier) or
+    ``full`` (every weight trains)."""
 
     method: str = "lora"
     head_modules: tuple[str, ...] | None = None
-    lora: dict = dataclasses.field(default_factory=dict)  # filled from the section's LoRA keys
+    options: dict = dataclasses.field(default_factory=dict)  # the method's keys
 
     def __post_init__(self):
         p: list[str] = []
-        _check(p, self.method in PEFT_METHODS, f"method={self.method!r} must be one of {PEFT_METHODS}")
-        if self.method != "lora" and self.lora:
-            p.append(f"LoRA keys {sorted(self.lora)} only apply with method: lora")
+        methods = tuple(registered()) + PLAIN_METHODS
+        _check(p, self.method in methods, f"method={self.method!r} must be one of {methods}")
+        if self.method in PLAIN_METHODS and self.options:
+            p.append(f"keys {sorted(self.options)} only apply to a PEFT method, not "
+                     f"method: {self.method}")
         _raise("peft", p)
-        if self.method == "lora":
+        if self.method not in PLAIN_METHODS:
             try:
-                self.lora_config()
+                self.tuner_config()
             except ValueError as e:
                 raise ConfigError(f"config section 'peft': {e}") from None
 
-    def lora_config(self) -> LoraConfig:
-        return LoraConfig(**self.lora)
+    def tuner_config(self) -> TunerConfig | None:
+        """The method's config (``LoraConfig``, ``PromptTuningConfig``, ...); None for
+        ``head`` and ``full``."""
+        if self.method in PLAIN_METHODS:
+            return None
+        return registered()[self.method](**self.options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +308,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         """Plain nested dict; ``config_from_dict(cfg.to_dict()) == cfg``."""
         out = dataclasses.asdict(self)
-        for cls, (bag, _, _) in _PASS_THROUGH.items():
+        for cls, bag in _PASS_THROUGH.items():
             section = next(k for k, c in _SECTIONS.items() if c is cls)
             out[section].update(out[section].pop(bag))
         return _plain(out)
@@ -392,8 +402,18 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
 
 
 # sections whose extra keys are another dataclass's fields, collected in one dict field
-_PASS_THROUGH = {PeftSection: ("lora", LoraConfig, _LORA_FIELDS),
-                 TrainSection: ("optimizer", OptimizerConfig, _OPTIMIZER_FIELDS)}
+_PASS_THROUGH = {PeftSection: "options", TrainSection: "optimizer"}
+
+
+def _pass_through(cls, raw: dict) -> tuple[str | None, type | None, tuple[str, ...]]:
+    """(bag field, dataclass whose fields the section's extra keys are, those fields)."""
+    if cls is PeftSection:
+        method = raw.get("method", "lora")
+        target = registered().get(method) if isinstance(method, str) else None
+        return "options", target, _method_fields(method) if target else ()
+    if cls is TrainSection:
+        return "optimizer", OptimizerConfig, _OPTIMIZER_FIELDS
+    return None, None, ()
 
 
 def _section(name: str, cls, raw: Any):
@@ -402,7 +422,7 @@ def _section(name: str, cls, raw: Any):
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{name}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    bag, target, extra = _PASS_THROUGH.get(cls, (None, None, ()))
+    bag, target, extra = _pass_through(cls, raw)
     target_hints = typing.get_type_hints(target) if target else {}
     fields = {f.name for f in dataclasses.fields(cls)} - {bag}
     kwargs, passed = {}, {}

@@ -62,7 +62,7 @@ def test_bad_values_name_the_accepted_range(section, key, value, expect):
 def test_overrides_apply_and_validate(tmp_path):
     cfg = load_config(os.path.join(CONFIGS, "quickstart.yaml"),
                       ["train.lr=1e-4", "peft.r=16", "data.buckets=[64]", "output_dir=/tmp/x"])
-    assert cfg.train.lr == 1e-4 and cfg.peft.lora_config().r == 16
+    assert cfg.train.lr == 1e-4 and cfg.peft.tuner_config().r == 16
     assert cfg.data.buckets == (64,) and cfg.output_dir == "/tmp/x"
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         load_config(os.path.join(CONFIGS, "quickstart.yaml"), ["train.lrr=1e-4"])
@@ -101,3 +101,23 @@ def test_optimizer_keys_are_typed_and_checked_against_steps():
         config_from_dict(minimal(train={"warmup_steps": 2.5}))
     with pytest.raises(ConfigError, match="total_steps=10 must exceed warmup_steps=10"):
         config_from_dict(minimal(train={"schedule": "linear", "warmup_steps": 10}))
+
+
+def test_peft_section_dispatches_on_the_method():
+    from peftjax import LoraConfig, PromptTuningConfig
+    cfg = config_from_dict(minimal(peft={"method": "prompt_tuning", "num_virtual_tokens": 8,
+                                         "prompt_tuning_init": "SAMPLE_VOCAB"}))
+    assert cfg.peft.tuner_config() == PromptTuningConfig(num_virtual_tokens=8,
+                                                         prompt_tuning_init="SAMPLE_VOCAB")
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert isinstance(config_from_dict(minimal()).peft.tuner_config(), LoraConfig)
+    assert config_from_dict(minimal(peft={"method": "full"})).peft.tuner_config() is None
+    with pytest.raises(ConfigError, match=r"unknown key 'peft.num_virtual_token'; did you mean "
+                                          r"'num_virtual_tokens'"):
+        config_from_dict(minimal(peft={"method": "prompt_tuning", "num_virtual_token": 8}))
+    with pytest.raises(ConfigError, match=r"unknown key 'peft.r'"):  # a LoRA key elsewhere
+        config_from_dict(minimal(peft={"method": "prompt_tuning", "r": 8}))
+    with pytest.raises(ConfigError, match=r"num_virtual_tokens=0 must be a positive integer"):
+        config_from_dict(minimal(peft={"method": "prompt_tuning", "num_virtual_tokens": 0}))
+    with pytest.raises(ConfigError, match=r"method='ia3' must be one of \('lora', 'prompt_tuning'"):
+        config_from_dict(minimal(peft={"method": "ia3"}))

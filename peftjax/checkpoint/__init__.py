@@ -1,7 +1,6 @@
-"""Checkpoints: PEFT-format adapters (both ways) and orbax training checkpoints."""
+"""Training checkpoints (orbax). PEFT-format adapter files live with the tuners
+(``peftjax.tuners``: ``save_adapter``, ``load_adapter``, ``read_config``)."""
 
-from peftjax.checkpoint._adapter import adapter_tensors, load_adapter, read_config, save_adapter
 from peftjax.checkpoint._orbax import CheckpointMismatchError, RunCheckpointer
 
-__all__ = ["CheckpointMismatchError", "RunCheckpointer", "adapter_tensors", "load_adapter",
-           "read_config", "save_adapter"]
+__all__ = ["CheckpointMismatchError", "RunCheckpointer"]

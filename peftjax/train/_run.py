@@ -65,11 +65,11 @@ def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool
         kw.pop("num_labels")
 
     def make(model):
-        if cfg.peft.method == "lora":
-            lora = cfg.peft.lora_config()
-            if lora.base_model_name_or_path is None:
-                lora = dataclasses.replace(lora, base_model_name_or_path=m.path)
-            model = get_peft_model(model, lora, rngs=nnx.Rngs(cfg.train.seed))
+        tuner = cfg.peft.tuner_config()
+        if tuner is not None:
+            if tuner.base_model_name_or_path is None:
+                tuner = dataclasses.replace(tuner, base_model_name_or_path=m.path)
+            model = get_peft_model(model, tuner, rngs=nnx.Rngs(cfg.train.seed))
         if cfg.train.remat != "none":
             set_remat(model, cfg.train.remat)
         return model

@@ -40,8 +40,7 @@ def trainable_paths(model: nnx.Module, modules: tuple[str, ...] | None = None) -
         if modules is not None:
             raise ValueError("modules= selects parameters of a plain model; a PeftModel trains "
                              "what its config says (use modules_to_save)")
-        return frozenset(("base_model",) + tuple(p) for p, on in
-                         nnx.to_flat_state(model.trainable_mask()) if on)
+        return frozenset(tuple(p) for p, on in nnx.to_flat_state(model.trainable_mask()) if on)
     paths = [tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     if modules is None:
         return frozenset(paths)

@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import json
 import math
 from typing import Any
 
@@ -25,11 +24,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, dropout, fold, param_value
-from peftjax.tuners._targets import pattern_key
+from peftjax.tuners._base import (PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple,
+                                  register)
+from peftjax.tuners._targets import (find_targets, get_submodule, named_modules, pattern_key,
+                                     set_submodule)
 
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM",
-              "QUESTION_ANS")
 BIAS_MODES = ("none", "all", "lora_only")
+# PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_LORA_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+}
+# PEFT fields that change the adapter's math: loading must refuse values other than these.
+_MUST_BE = {"use_dora": (False, None), "lora_bias": (False, None), "layer_replication": (None,),
+            "target_parameters": (None, []), "trainable_token_indices": (None,),
+            "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+            "use_bdlora": (None, False), "megatron_config": (None,)}
 
 # The dropout key of the forward pass being traced: set by PeftModel.__call__ around the model
 # call (trace-time Python state, so it works under jit, grad and remat alike).
@@ -47,16 +59,13 @@ def lora_dropout_rng(rng: jax.Array | None):
         _DROPOUT_RNG.reset(token)
 
 
-class LoraParam(nnx.Variable):
-    """A LoRA factor. Deliberately not an ``nnx.Param``: ``nnx.Param`` means frozen base weight."""
+class LoraParam(AdapterParam):
+    """A LoRA factor."""
 
 
-def _tuple(v):
-    return tuple(v) if isinstance(v, (list, tuple, set)) else v
-
-
+@register
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(TunerConfig):
     """LoRA settings, with the names, defaults and meaning of PEFT's ``LoraConfig``.
 
     ``target_modules``: list of names (a module matches if its name equals an entry or ends in
@@ -83,12 +92,19 @@ class LoraConfig:
     task_type: str | None = None
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
-    peft_type: str = dataclasses.field(default="LORA", init=False)
+
+    method = "lora"
+    peft_type = "LORA"
+    mergeable = True
+    harmless_fields = TunerConfig.harmless_fields | {
+        "loftq_config", "eva_config", "corda_config", "megatron_core", "qalora_group_size",
+        "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
+        "monteclora_config", "velora_config", "runtime_config"}
 
     def __post_init__(self):
         for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
                      "modules_to_save"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
         problems = []
         if not isinstance(self.r, int) or self.r <= 0:
             problems.append(f"r={self.r!r} must be a positive integer")
@@ -117,9 +133,6 @@ class LoraConfig:
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems) + ".")
 
-    def __hash__(self):  # the config is static metadata of the model graph, so it must hash
-        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
-
     def rank_alpha(self, name: str) -> tuple[int, float]:
         rk = pattern_key(list(self.rank_pattern), name)
         ak = pattern_key(list(self.alpha_pattern), name)
@@ -128,6 +141,93 @@ class LoraConfig:
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # ------------------------------------------------------------------------ tuner hooks
+    def inject(self, model, *, rngs: nnx.Rngs) -> dict:
+        """Wraps every targeted linear layer in its LoRA class (in place). ``target_modules``
+        None means PEFT's per-architecture default; no match raises, listing the names."""
+        config = self
+        if config.target_modules is None:
+            model_type = model.config.model_type
+            if model_type not in DEFAULT_LORA_TARGETS:
+                raise ValueError(f"no default target_modules for model_type={model_type!r}; pass "
+                                 "target_modules explicitly.")
+            config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
+        for site, name in enumerate(find_targets(model, config)):
+            layer = get_submodule(model, name)
+            r, alpha = config.rank_alpha(name)
+            new = lora_class(type(layer))(layer, r=r, scaling=config.scaling(r, alpha),
+                                          dropout=config.lora_dropout,
+                                          init=config.init_lora_weights, site=site, rngs=rngs)
+            set_submodule(model, name, new)
+        return {}
+
+    def call(self, peft_model, args, kwargs):
+        with lora_dropout_rng(fold(kwargs.get("dropout_rng"), -100)):
+            return peft_model.base_model(*args, **kwargs)
+
+    def trains(self, path, var, peft_model) -> bool:
+        """``modules_to_save`` parameters; biases as ``bias`` says (``all``: every bias;
+        ``lora_only``: biases of adapted layers)."""
+        if not isinstance(var, nnx.Param) or path[0] != "base_model":
+            return False
+        name = ".".join(map(str, path[1:-1]))
+        if any(f".{m}." in f".{name}." for m in self.modules_to_save or ()):
+            return True  # the module or anything inside it
+        if path[-1] == "bias":
+            return self.bias == "all" or (
+                self.bias == "lora_only" and is_lora_layer(get_submodule(peft_model.base_model,
+                                                                         name)))
+        return False
+
+    def peft_entries(self, peft_model) -> dict:
+        """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,
+        trained biases of adapted layers as ``<module>.base_layer.bias`` (PEFT's wrapper level),
+        other trained parameters under their Hugging Face names."""
+        lora = dict(lora_layers(peft_model.base_model))
+        out = {}
+        for name, m in lora.items():
+            out[f"{PREFIX}{name}.lora_A.weight"] = (m.lora_A, True)
+            out[f"{PREFIX}{name}.lora_B.weight"] = (m.lora_B, True)
+        out.update(peft_model.trained_base_entries(
+            rename=lambda owner, key: f"{owner}.base_layer.bias"
+            if owner in lora and key.endswith(".bias") else key))
+        return out
+
+    def unload(self, peft_model):
+        base = peft_model.base_model
+        for name, layer in lora_layers(base):
+            set_submodule(base, name, layer.unloaded())
+        return base
+
+    def merge_and_unload(self, peft_model, dtype=None):
+        """An adapted 4-bit layer becomes a float ``Linear`` holding dequantized base + adapter
+        (in ``dtype``, default the weight's original dtype), as PEFT does for bitsandbytes
+        layers; other 4-bit layers stay 4-bit."""
+        base = peft_model.base_model
+        for name, layer in lora_layers(base):
+            if layer.quantized:
+                set_submodule(base, name, layer.merged_float(dtype))
+            else:
+                layer.merge()
+        return self.unload(peft_model)
+
+    def to_peft_dict(self) -> dict:
+        return {**super().to_peft_dict(), "use_dora": False, "lora_bias": False,
+                "layer_replication": None}
+
+    @classmethod
+    def from_peft_dict(cls, data: dict, path: str) -> LoraConfig:
+        bad = {k: data[k] for k, ok in _MUST_BE.items() if k in data and data[k] not in ok}
+        if bad:
+            raise ValueError(f"{path}: uses PEFT features that change the adapter's math and "
+                             f"are not implemented here: {bad}.")
+        data = {k: v for k, v in data.items() if k not in _MUST_BE}
+        if data.get("init_lora_weights") not in (True, False, "gaussian"):
+            data["init_lora_weights"] = True  # only initial values differ; weights are loaded
+        if isinstance(data.get("modules_to_save"), list):  # PEFT appends head names, repeated
+            data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
+        return super().from_peft_dict(data, path)
 
 
 @functools.cache
@@ -265,3 +365,8 @@ def lora_class(base_cls: type) -> type:
 
 def is_lora_layer(module) -> bool:
     return isinstance(module, LoraMixin)
+
+
+def lora_layers(model) -> list:
+    """``[(name, layer)]`` of the LoRA layers in ``model``."""
+    return [(n, m) for n, m in named_modules(model) if is_lora_layer(m)]

@@ -1,52 +1,50 @@
-"""``get_peft_model`` and ``PeftModel``: a model with adapters, as in Hugging Face PEFT."""
+"""``get_peft_model`` and ``PeftModel``: a model with an adapter, as in Hugging Face PEFT.
+
+Everything method-specific is a hook of the adapter's config (``peftjax.tuners._base``); this
+file only dispatches.
+"""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 from flax import nnx
 
-from peftjax.models._layers import fold
-from peftjax.tuners._lora import LoraConfig, LoraParam, is_lora_layer, lora_class, lora_dropout_rng
-from peftjax.tuners._targets import find_targets, get_submodule, named_modules, set_submodule
-
-# PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_LORA_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
-    "gemma3_text": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-}
+from peftjax.models._loading import hf_param_paths
+from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig
+from peftjax.tuners._lora import lora_layers
 
 
 class PeftModel(nnx.Module):
-    """The adapted model (``base_model``) and its config. Calling it calls the model.
+    """The adapted model (``base_model``), the modules the method adds beside it (a prompt
+    encoder), and the config. Calling it calls the model through the method's hook.
 
     The base model is modified in place by :func:`get_peft_model`, as PEFT does.
     """
 
-    def __init__(self, base_model: nnx.Module, peft_config: LoraConfig):
+    def __init__(self, base_model: nnx.Module, peft_config: TunerConfig,
+                 modules: dict[str, nnx.Module] | None = None):
         self.base_model = base_model
         self.peft_config = peft_config
+        self.added = nnx.Dict(modules or {})
 
     def __call__(self, *args, dropout_rng=None, **kwargs):
-        """Calls the model. ``dropout_rng`` turns on dropout: the model's own and LoRA's."""
-        with lora_dropout_rng(fold(dropout_rng, -100)):
-            return self.base_model(*args, dropout_rng=dropout_rng, **kwargs)
+        """Calls the model. ``dropout_rng`` turns on dropout: the model's own and the adapter's."""
+        return self.peft_config.call(self, args, {**kwargs, "dropout_rng": dropout_rng})
 
     @property
     def config(self):
         return self.base_model.config
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
-        return self.base_model.init_cache(batch, max_len, dtype)
+        """A KV cache for ``max_len`` caller tokens (plus whatever the method puts in front)."""
+        return self.peft_config.init_cache(self, batch, max_len, dtype)
 
     def lora_layers(self):
-        return [(n, m) for n, m in named_modules(self.base_model) if is_lora_layer(m)]
+        return lora_layers(self.base_model)
 
     def merge_adapter(self) -> None:
         """Adds each adapter into its base weight (outputs unchanged; inference is faster)."""
+        self._check_mergeable()
         for _, layer in self.lora_layers():
             layer.merge()
 
@@ -55,61 +53,61 @@ class PeftModel(nnx.Module):
             layer.unmerge()
 
     def merge_and_unload(self, dtype=None) -> nnx.Module:
-        """Merges the adapters and returns the plain base model (no LoRA layers left).
+        """Merges the adapter into the weights and returns the plain base model. Methods that
+        cannot merge (prompts, prefixes) raise ``TypeError`` naming the reason.
 
-        An adapted 4-bit layer becomes a float ``Linear`` holding dequantized base + adapter
-        (in ``dtype``, default the weight's original dtype), as PEFT does for bitsandbytes
-        layers; ``peftjax.quant.quantize_model`` stores it in 4 bits again and reports the
-        error that costs. Other 4-bit layers stay 4-bit."""
-        for name, layer in self.lora_layers():
-            if layer.quantized:
-                set_submodule(self.base_model, name, layer.merged_float(dtype))
-            else:
-                layer.merge()
-        return self.unload()
+        For LoRA, an adapted 4-bit layer becomes a float ``Linear`` holding dequantized base +
+        adapter; ``peftjax.quant.quantize_model`` stores it in 4 bits again and reports the
+        error that costs."""
+        self._check_mergeable()
+        return self.peft_config.merge_and_unload(self, dtype)
+
+    def _check_mergeable(self):
+        cfg = self.peft_config
+        if not cfg.mergeable:
+            raise TypeError(f"{cfg.method} cannot be merged into the weights: {cfg.merge_reason} "
+                            "Serve the base model with the adapter instead.")
 
     def unload(self) -> nnx.Module:
-        """Removes the LoRA layers without merging and returns the base model: its weights are
-        what they were before :func:`get_peft_model` (unless merged before)."""
-        for name, layer in self.lora_layers():
-            set_submodule(self.base_model, name, layer.unloaded())
-        return self.base_model
+        """Removes the adapter without merging and returns the base model: its weights are what
+        they were before :func:`get_peft_model` (unless merged before)."""
+        return self.peft_config.unload(self)
 
     def trainable_mask(self) -> nnx.State:
-        """Pytree of bools over the model's state: True where a leaf trains.
-
-        LoRA factors always; every parameter of a ``modules_to_save`` module; biases as
-        ``bias`` says (``all``: every bias; ``lora_only``: biases of adapted layers).
-        """
+        """Pytree of bools over this model's state: True where a leaf trains. Every
+        :class:`AdapterParam`, and what the method's ``trains`` adds (``modules_to_save``,
+        biases)."""
         cfg = self.peft_config
-        save = cfg.modules_to_save or ()
-        lora_names = {n for n, _ in self.lora_layers()}
 
         def trains(path, var) -> bool:
-            if isinstance(var, LoraParam):
-                return True
-            if not isinstance(var, nnx.Param):
-                return False
-            name = ".".join(map(str, path[:-1]))
-            if any(f".{m}." in f".{name}." for m in save):  # the module or anything inside it
-                return True
-            if path[-1] == "bias":
-                return cfg.bias == "all" or (cfg.bias == "lora_only" and name in lora_names)
-            return False
+            return isinstance(var, AdapterParam) or cfg.trains(tuple(path), var, self)
 
-        flat = nnx.to_flat_state(nnx.state(self.base_model))
+        flat = nnx.to_flat_state(nnx.state(self))
         return nnx.from_flat_state([(p, trains(p, v)) for p, v in flat])
+
+    def trained_base_entries(self, rename=lambda owner, key: key) -> dict:
+        """PEFT key -> (variable, transposed) for the trained ``nnx.Param``s of the base model
+        (``modules_to_save``, biases), under their Hugging Face names; ``rename(owner, key)``
+        lets a method move a key to its wrapper level."""
+        mask = dict(nnx.to_flat_state(self.trainable_mask()))
+        state = dict(nnx.to_flat_state(nnx.state(self.base_model)))
+        out = {}
+        for key, (path, transposed) in hf_param_paths(self.base_model).items():
+            if mask.get(("base_model",) + tuple(path), False):
+                out[PREFIX + rename(key.rsplit(".", 1)[0], key)] = (state[path], transposed)
+        return out
 
     def save_pretrained(self, directory: str) -> None:
         """Writes the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors),
         which PyTorch ``PeftModel.from_pretrained`` loads."""
-        from peftjax.checkpoint import save_adapter
+        from peftjax.tuners._io import save_adapter
         save_adapter(self, directory)
 
     @classmethod
     def from_pretrained(cls, base: nnx.Module, directory: str) -> PeftModel:
-        """Loads a PEFT-format LoRA adapter (written by peftjax or PyTorch PEFT) onto ``base``."""
-        from peftjax.checkpoint import load_adapter
+        """Loads a PEFT-format adapter (written by peftjax or PyTorch PEFT) onto ``base``; the
+        method comes from ``peft_type`` in its adapter_config.json."""
+        from peftjax.tuners._io import load_adapter
         return load_adapter(base, directory)
 
     def print_trainable_parameters(self) -> None:
@@ -120,21 +118,21 @@ class PeftModel(nnx.Module):
 
 def count_parameters(model: nnx.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; for a plain model nothing is trainable."""
-    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, LoraParam))))
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, AdapterParam))))
     total = sum(int(np.prod(v[...].shape)) for _, v in flat)
     if not isinstance(model, PeftModel):
         return 0, total
     mask = dict(nnx.to_flat_state(model.trainable_mask()))
-    trainable = sum(int(np.prod(v[...].shape)) for p, v in flat if mask[p[1:]])
+    trainable = sum(int(np.prod(v[...].shape)) for p, v in flat if mask[tuple(p)])
     return trainable, total
 
 
-def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> PeftModel:
-    """Injects LoRA into ``model`` (in place) and returns it wrapped in a :class:`PeftModel`.
+def get_peft_model(model: nnx.Module, config: TunerConfig, *, rngs: nnx.Rngs) -> PeftModel:
+    """Adds the adapter ``config`` describes to ``model`` (in place; any registered method) and
+    returns it wrapped in a :class:`PeftModel`.
 
-    Right after injection the outputs equal the base model's (B starts at zero, unless
-    ``init_lora_weights=False``). Raises ``ValueError`` when the targets match nothing, listing
-    the layer names that exist.
+    Right after injection the outputs are the method's init behaviour (LoRA: equal to the base
+    model's). Raises ``ValueError`` when the targets match nothing, listing the layer names.
 
     Example::
 
@@ -145,20 +143,7 @@ def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> 
     """
     if isinstance(model, PeftModel):
         raise ValueError("the model already has adapters; call get_peft_model on a plain model")
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"expected a LoraConfig, got {type(config).__name__}")
-    if config.target_modules is None:
-        model_type = model.config.model_type
-        if model_type not in DEFAULT_LORA_TARGETS:
-            raise ValueError(f"no default target_modules for model_type={model_type!r}; pass "
-                             "target_modules explicitly.")
-        config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
-    for site, name in enumerate(find_targets(model, config)):
-        layer = get_submodule(model, name)
-        r, alpha = config.rank_alpha(name)
-        new = lora_class(type(layer))(layer, r=r, scaling=config.scaling(r, alpha),
-                                      dropout=config.lora_dropout,
-                                      init=config.init_lora_weights, site=site, rngs=rngs)
-        set_submodule(model, name, new)
-    return PeftModel(model, config)
-
+    if not isinstance(config, TunerConfig):
+        raise TypeError(f"expected a PEFT method config (LoraConfig, PromptTuningConfig, ...), "
+                        f"got {type(config).__name__}")
+    return PeftModel(model, config, config.inject(model, rngs=rngs))

@@ -201,6 +201,31 @@ def test_eval_export_merge_commands(tiny_bert, tmp_path):
     assert diff < 1e-5, diff
 
 
+def test_prompt_tuning_from_yaml_and_the_commands(tiny_bert, tmp_path):
+    """``peft.method: prompt_tuning`` through train (checkpoints, adapter), eval of the run's
+    config, export of a checkpoint, and merge refused with the reason."""
+    cfg, out = write_config(tmp_path, tiny_bert, "prompt", train={"steps": 4, "save_every": 2})
+    raw = yaml.safe_load(open(cfg))
+    raw["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 6, "task_type": "SEQ_CLS"}
+    open(cfg, "w").write(yaml.safe_dump(raw))
+    proc = cli("train", cfg, check=0)
+    assert "(prompt_tuning)" in proc.stdout, proc.stdout
+    adapter = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 6
+    proc = cli("eval", os.path.join(out, "config.yaml"), "--split", "test", check=0)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == \
+        summary["test"]["accuracy"]
+    cli("export", cfg, "--out", str(tmp_path / "exported"), "--step", "2", check=0)
+    from safetensors.numpy import load_file
+    assert sorted(load_file(str(tmp_path / "exported" / "adapter_model.safetensors"))) == [
+        "base_model.classifier.bias", "base_model.classifier.weight", "prompt_embeddings"]
+    proc = cli("merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),
+               "--out", str(tmp_path / "merged"), check=1)
+    assert "prompt_tuning cannot be merged into the weights" in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "merged")
+
+
 def test_qlora_train_eval_merge_commands(tiny_bert, tmp_path):
     """QLoRA through the command line: ``quantization:`` in the YAML, eval of the 4-bit run,
     ``merge --quantization`` into the dequantized base (float checkpoint) and ``--save-4bit``

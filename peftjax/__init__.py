@@ -3,10 +3,12 @@
 from peftjax import models, train
 from peftjax.generation import Generation, generate
 from peftjax.tokenizer import load_tokenizer
-from peftjax.tuners import (LoraConfig, PeftModel, PromptTuningConfig, count_parameters,
-                            get_peft_model)
+from peftjax.tuners import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig,
+                            PromptTuningConfig, count_parameters, get_peft_model,
+                            prompt_bank)
 
 __version__ = "0.1.0"
 
-__all__ = ["Generation", "LoraConfig", "PeftModel", "PromptTuningConfig", "count_parameters",
-           "generate", "get_peft_model", "load_tokenizer", "models", "train", "__version__"]
+__all__ = ["AdaptionPromptConfig", "Generation", "LoraConfig", "PeftModel", "PrefixTuningConfig",
+           "PromptTuningConfig", "count_parameters", "generate", "get_peft_model", "load_tokenizer",
+           "models", "prompt_bank", "train", "__version__"]

@@ -23,9 +23,77 @@ from typing import Any
 import yaml
 
 from peftjax.quant._formats import QuantConfig
-from peftjax.train._optim import OptimizerConfig
-from peftjax.train._sharding import MeshConfig
 from peftjax.tuners._base import TunerConfig, registered
+
+
+# ------------------------------------------------- settings the train package consumes
+# (defined here, below train, so that config never imports the training machinery)
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW settings. ``linear`` and ``cosine`` decay from ``learning_rate`` (after
+    ``warmup_steps`` of linear warmup from 0) to ``learning_rate * final_lr_ratio`` at
+    ``total_steps``; ``constant`` holds it after the warmup. Weight decay applies to matrices
+    only (not to biases or norm scales), as the Hugging Face Trainer does.
+    ``max_grad_norm=None`` turns clipping off."""
+
+    learning_rate: float = 2e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        problems = []
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate={self.learning_rate!r} must be > 0")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps!r} must be >= 0")
+        if self.schedule != "constant":
+            if self.total_steps is None:
+                problems.append(f"schedule={self.schedule!r} needs total_steps")
+            elif self.total_steps <= self.warmup_steps:
+                problems.append(f"total_steps={self.total_steps} must exceed "
+                                f"warmup_steps={self.warmup_steps}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            problems.append(f"final_lr_ratio={self.final_lr_ratio!r} must be in [0, 1]")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            problems.append(f"b1={self.b1!r} and b2={self.b2!r} must be in [0, 1)")
+        if not self.eps > 0:
+            problems.append(f"eps={self.eps!r} must be > 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be > 0 (or None)")
+        if problems:
+            raise ValueError("invalid OptimizerConfig: " + "; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; ``-1`` on one axis takes the devices the others leave.
+    ``distributed=True`` calls ``jax.distributed.initialize()`` first (multi-host)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    distributed: bool = False
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ValueError(f"mesh (data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}): "
+                             "sizes must be positive, with at most one -1")
 
 
 class ConfigError(ValueError):
@@ -126,6 +194,8 @@ class DataSection:
     text_pair_field: str | None = None
     label_field: str = "label"
     label_names: tuple[str, ...] | None = None
+    task_field: str | None = None
+    task_names: tuple[str, ...] | None = None
     prompt_field: str = "prompt"
     response_field: str = "response"
     prompt_template: str | None = None
@@ -159,6 +229,11 @@ class DataSection:
                    f"max_length={self.max_length}")
         _check(p, not self.packing or self.format in ("text", "instruction", "chat"),
                "packing applies to language-model formats (text, instruction, chat)")
+        _check(p, not (self.packing and self.task_field),
+               "packing mixes examples of different tasks in one row; with task_field set, "
+               "set packing: false")
+        _check(p, self.task_names is None or bool(self.task_field),
+               "task_names needs task_field (the row field naming each example's task)")
         _raise("data", p)
 
 
@@ -299,6 +374,17 @@ class RunConfig:
     output_dir: str = "runs/run"
 
     def __post_init__(self):
+        if self.data.task_field:
+            tuner = self.peft.tuner_config()
+            n = getattr(tuner, "num_tasks", 1)
+            if n < 2:
+                raise ConfigError(
+                    f"data.task_field={self.data.task_field!r} gives each example a task, which "
+                    "selects a prompt of a multi-task prompt bank: set peft.method: "
+                    "prompt_tuning with num_tasks >= 2 (or remove data.task_field)")
+            if self.data.task_names is not None and len(self.data.task_names) != n:
+                raise ConfigError(f"data.task_names lists {len(self.data.task_names)} tasks but "
+                                  f"peft.num_tasks={n}")
         if self.quantization.quant_type is not None and self.peft.method == "full":
             raise ConfigError(
                 f"peft.method='full' cannot train the {self.quantization.quant_type} (4-bit) "

@@ -52,11 +52,12 @@ def _next_token(logits_BV, key, temperature, top_p, *, greedy: bool, top_k: int)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
-def _generate(graphdef, state, ids_BT, mask_BT, rng, temperature, top_p, eos_ids, pad_id, *,
-              max_new_tokens: int, greedy: bool, top_k: int):
+def _generate(graphdef, state, ids_BT, mask_BT, rng, temperature, top_p, eos_ids, pad_id,
+              task_ids, *, max_new_tokens: int, greedy: bool, top_k: int):
     model = nnx.merge(graphdef, state)
     B, T = ids_BT.shape
-    cache = model.init_cache(B, T + max_new_tokens)
+    cache = (model.init_cache(B, T + max_new_tokens) if task_ids is None else
+             model.init_cache(B, T + max_new_tokens, task_ids=task_ids))
     mask_BS = jnp.zeros((B, T + max_new_tokens), jnp.int32).at[:, :T].set(mask_BT)
     out = model(ids_BT, attention_mask=mask_BS, cache=cache, last_logits_only=True)
     rng, key = jax.random.split(rng)
@@ -104,7 +105,7 @@ def generate(model: nnx.Module, inputs, *, tokenizer=None, attention_mask=None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, rng: jax.Array | None = None,
-             bucket: int | None = 64) -> Generation:
+             bucket: int | None = 64, task_ids=None) -> Generation:
     """Generates up to ``max_new_tokens`` tokens for each prompt of a batch.
 
     Args:
@@ -117,6 +118,8 @@ def generate(model: nnx.Module, inputs, *, tokenizer=None, attention_mask=None,
       eos_token_id: one id or several; a sequence stops at the first. Default: the
         tokenizer's EOS, if any.
       bucket: prompt lengths are padded up to a multiple of this, bounding recompilation.
+      task_ids: [B] task of each prompt, for a multi-task prompt bank
+        (``PromptTuningConfig(num_tasks=N)``).
 
     Returns:
       :class:`Generation` with the new tokens (not the prompt).
@@ -165,7 +168,7 @@ def generate(model: nnx.Module, inputs, *, tokenizer=None, attention_mask=None,
         graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
         rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
         jnp.float32(top_p), jnp.asarray(eos), jnp.int32(pad_token_id),
-        max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=int(top_k))
+        None if task_ids is None else jnp.asarray(task_ids, jnp.int32), max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=int(top_k))
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     texts = None
     if tokenizer is not None:

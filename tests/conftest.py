@@ -216,3 +216,24 @@ def exact_bitsandbytes():
         bnb_modules.has_avx512bf16 = lambda: False
     F._peftjax_exact = True
     return F
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_real_tokenizer(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template."""
+    import shutil
+
+    import torch
+    import transformers as T
+    path = str(tmp_path_factory.mktemp("tinyllama"))
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        tie_word_embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        T.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    for f in os.listdir(smollm2_dir):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(smollm2_dir, f), path)
+    return path

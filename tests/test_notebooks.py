@@ -4,31 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import warnings
-
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_with_real_tokenizer(smollm2_dir, tmp_path_factory):
-    """A tiny random Llama with SmolLM2's real tokenizer and chat template."""
-    import torch
-    import transformers as T
-    path = str(tmp_path_factory.mktemp("tinyllama"))
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        tie_word_embeddings=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        T.LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    for f in os.listdir(smollm2_dir):
-        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(os.path.join(smollm2_dir, f), path)
-    return path
 
 
 def run_notebook(path: str, env: dict) -> dict:

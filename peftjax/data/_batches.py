@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from peftjax.train._losses import IGNORE_INDEX
+from peftjax.data._formats import IGNORE_INDEX
 
 
 def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -53,6 +53,9 @@ def collate(examples: list[dict], *, length: int, batch_size: int, pad_id: int) 
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if types is not None:
         batch["token_type_ids"] = types
+    if "task_ids" in examples[0]:  # padding rows take task 0 (their labels are ignored)
+        batch["task_ids"] = np.zeros((batch_size,), np.int32)
+        batch["task_ids"][:len(examples)] = [ex["task_ids"] for ex in examples]
     return batch
 
 

@@ -14,13 +14,16 @@ optionally ``token_type_ids`` (text pairs), and for ``instruction``: ``prompt_le
 - ``chat``: ``messages_field`` holds ``[{"role", "content"}, ...]``, rendered with the chat
   template; the loss covers the assistant turns.
 - ``text``: plain language modelling on ``text_field``; every token is a target.
+
+With ``task_field`` set (mixed-task data for a prompt bank), every example also gets
+``task_ids``: the row's task as an int, or a string listed in ``task_names``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from peftjax.train._losses import IGNORE_INDEX
+IGNORE_INDEX = -100  # a label the losses skip (PyTorch's and transformers' convention)
 
 
 def _fill(template: str | None, field: str, row: dict, what: str):
@@ -150,6 +153,13 @@ FORMATS = {"classification": _classification, "instruction": _instruction, "chat
 def tokenize_rows(rows: list[dict], cfg, tokenizer) -> list[dict]:
     """Tokenises ``rows`` by ``cfg.format`` (a :class:`peftjax.config.DataSection`)."""
     examples = FORMATS[cfg.format](rows, cfg, tokenizer)
+    if getattr(cfg, "task_field", None):  # mixed-task data: each example names its task
+        for i, (row, ex) in enumerate(zip(rows, examples, strict=True)):
+            if cfg.task_field not in row:
+                raise ValueError(f"row {i}: no task field {cfg.task_field!r} (has {sorted(row)}); "
+                                 "set data.task_field")
+            ex["task_ids"] = label_index(row[cfg.task_field], cfg.task_names,
+                                         f"row {i} (task)")
     return [ex for ex in examples if len(ex["input_ids"]) > 0]
 
 

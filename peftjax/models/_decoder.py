@@ -101,9 +101,20 @@ class DecoderAttention(nnx.Module):
         new_cache = None
         if cache_kv is not None:
             k, v = new_cache = L.update_cache(*cache_kv, k, v, cache_index)
+        if extra is not None:
+            extra = extra.projected(self.project_kv)
         out = L.dot_product_attention(q, k, v, mask_BTS, scale=cfg.attn_scale,
                                       softcap=cfg.attn_softcap, extra=extra)
         return self.o_proj(out.reshape(B, T, -1)), new_cache
+
+    def project_kv(self, x_BPE):
+        """Keys and values of hidden states ``x`` without rotary embedding (LLaMA-Adapter's
+        prompt through the frozen projections)."""
+        cfg = self.cfg
+        B, P, _ = x_BPE.shape
+        k = self.k_proj(x_BPE).reshape(B, P, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x_BPE).reshape(B, P, cfg.num_kv_heads, cfg.head_dim)
+        return (self.k_norm(k) if cfg.qk_norm else k), v
 
 
 class DecoderMLP(nnx.Module):

@@ -8,6 +8,7 @@ differ, ``base_model_prefix`` / ``head_name`` set. A backbone provides ``input_e
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -81,8 +82,14 @@ class SequenceClassifier(TaskModel):
     def __call__(self, input_ids=None, *, attention_mask=None, **kw) -> L.ModelOutput:
         out = self.backbone(input_ids, attention_mask=attention_mask, **kw)
         h = out.hidden_states
-        idx = L.last_token_index(attention_mask, h.shape[1], h.shape[0])
-        return out.replace(logits=self.score(h[jnp.arange(h.shape[0]), idx]))
+        B, T = h.shape[:2]
+        if out.cache is not None and attention_mask is not None:
+            # the mask spans the cache's slots (e.g. a prefix written there first): the
+            # current tokens are the T slots before the cache's new index
+            attention_mask = jax.lax.dynamic_slice_in_dim(attention_mask, out.cache.index - T, T,
+                                                          axis=1)
+        idx = L.last_token_index(attention_mask, T, B)
+        return out.replace(logits=self.score(h[jnp.arange(B), idx]))
 
 
 class TokenClassifier(TaskModel):

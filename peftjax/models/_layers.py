@@ -290,16 +290,27 @@ def apply_rope(x_BTHD: Array, positions_BT: Array, rope: Rope) -> Array:
 class ExtraKV:
     """Extra keys/values for one layer: the single extension point for prompt-style tuners.
 
-    ``k``/``v`` are [B or 1, P, kv_heads, head_dim], used as given (no rotary embedding), and
-    always visible to every query.
-    - ``gate is None``: they join the layer's keys in one softmax (prefix tuning).
-    - ``gate`` of shape [heads] (or scalar): they get their own softmax and their output is
-      multiplied by ``gate`` and added (LLaMA-Adapter's zero-initialised gated attention).
+    Either ``k``/``v`` [B or 1, P, kv_heads, head_dim], used as given (no rotary embedding), or
+    ``prompt`` [B or 1, P, hidden]: hidden states the layer projects into keys/values with its
+    own frozen projections (and key norm), also without rotary embedding. They are visible to
+    every query.
+    - ``gate is None``: they join the layer's keys in one softmax (prefix tuning, encoders).
+    - ``gate`` of shape [heads] or [1]: they get their own softmax, whose output is multiplied
+      by ``gate`` and added to the attention output (LLaMA-Adapter's zero-initialised gated
+      attention).
     """
 
-    k: Array
-    v: Array
+    k: Array | None = None
+    v: Array | None = None
     gate: Array | None = None
+    prompt: Array | None = None
+
+    def projected(self, project_kv) -> ExtraKV:
+        """``self`` with ``k``/``v`` set: ``project_kv(prompt)`` gives them for a prompt."""
+        if self.prompt is None:
+            return self
+        k, v = project_kv(self.prompt)
+        return ExtraKV(k=k, v=v, gate=self.gate)
 
 
 def attention_mask(q_slots_BT: Array, kv_valid_BS: Array, *, causal: bool,
@@ -315,6 +326,12 @@ def attention_mask(q_slots_BT: Array, kv_valid_BS: Array, *, causal: bool,
     return mask
 
 
+def _scores(q_BTKGD: Array, k_BSKD: Array, scale: float, softcap: float | None) -> Array:
+    s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(q_BTKGD.dtype),
+                   preferred_element_type=jnp.float32) * scale
+    return jnp.tanh(s / softcap) * softcap if softcap is not None else s
+
+
 def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *,
                           scale: float, softcap: float | None = None,
                           extra: ExtraKV | None = None, dropout_rate: float = 0.0,
@@ -322,38 +339,41 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS:
     """Grouped-query attention with softmax in float32; returns [B, T, H, D].
 
     Masked scores are set to the most negative float32 (not -inf), so a query that sees no key
-    (a padding row) gets a uniform distribution instead of NaN.
+    (a padding row) gets a uniform distribution instead of NaN. ``extra`` (projected) adds
+    keys/values as :class:`ExtraKV` describes.
     """
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
     q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
     neg = jnp.finfo(jnp.float32).min
-
-    def scores(k):
-        s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k.astype(q_BTHD.dtype),
-                       preferred_element_type=jnp.float32) * scale
-        if softcap is not None:
-            s = jnp.tanh(s / softcap) * softcap
-        return s
-
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], scores(k_BSKD), neg)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], _scores(q_BTKGD, k_BSKD, scale, softcap), neg)
     v_all = v_BSKD
     if extra is not None and extra.gate is None:
         ek = jnp.broadcast_to(extra.k, (B,) + extra.k.shape[1:])
         ev = jnp.broadcast_to(extra.v, (B,) + extra.v.shape[1:])
-        s_BKGTS = jnp.concatenate([scores(ek), s_BKGTS], axis=-1)
+        s_BKGTS = jnp.concatenate([_scores(q_BTKGD, ek, scale, softcap), s_BKGTS], axis=-1)
         v_all = jnp.concatenate([ev.astype(v_BSKD.dtype), v_BSKD], axis=1)
     p = jax.nn.softmax(s_BKGTS, axis=-1)
     p = dropout(p, dropout_rate, dropout_rng).astype(q_BTHD.dtype)
-    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p, v_all.astype(q_BTHD.dtype))
+    out_BTHD = jnp.einsum("bkgts,bskd->btkgd", p, v_all.astype(q_BTHD.dtype)).reshape(B, T, H, D)
     if extra is not None and extra.gate is not None:
-        ek = jnp.broadcast_to(extra.k, (B,) + extra.k.shape[1:])
-        ev = jnp.broadcast_to(extra.v, (B,) + extra.v.shape[1:])
-        pe = jax.nn.softmax(scores(ek), axis=-1).astype(q_BTHD.dtype)
-        gate_KG = jnp.broadcast_to(jnp.asarray(extra.gate), (H,)).reshape(K, H // K)
-        extra_out = jnp.einsum("bkgts,bskd->btkgd", pe, ev.astype(q_BTHD.dtype))
-        out_BTKGD = out_BTKGD + (gate_KG[:, :, None].astype(q_BTHD.dtype) * extra_out)
-    return checkpoint_name(out_BTKGD.reshape(B, T, H, D), "attn_out")
+        out_BTHD = out_BTHD + gated_attention(q_BTHD, extra, scale=scale, softcap=softcap)
+    return checkpoint_name(out_BTHD, "attn_out")
+
+
+def gated_attention(q_BTHD: Array, extra: ExtraKV, *, scale: float,
+                    softcap: float | None = None) -> Array:
+    """LLaMA-Adapter's term: ``gate * softmax(q k_extra^T) v_extra`` per head, [B, T, H, D]
+    (its own softmax over the extra keys only, in float32)."""
+    B, T, H, D = q_BTHD.shape
+    K = extra.k.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    ek = jnp.broadcast_to(extra.k, (B,) + extra.k.shape[1:])
+    ev = jnp.broadcast_to(extra.v, (B,) + extra.v.shape[1:])
+    pe = jax.nn.softmax(_scores(q_BTKGD, ek, scale, softcap), axis=-1).astype(q_BTHD.dtype)
+    gate_KG = jnp.broadcast_to(jnp.asarray(extra.gate).reshape(-1), (H,)).reshape(K, H // K)
+    out = jnp.einsum("bkgts,bskd->btkgd", pe, ev.astype(q_BTHD.dtype))
+    return (gate_KG[:, :, None].astype(q_BTHD.dtype) * out).reshape(B, T, H, D)
 
 
 @flax.struct.dataclass

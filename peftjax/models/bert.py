@@ -128,6 +128,9 @@ class BertLayer(nnx.Module):
         sa = self.attention.self
         q, k, v = (checkpoint_name(m(x_BTE), "qkv").reshape(B, T, H, D)
                    for m in (sa.query, sa.key, sa.value))
+        if extra is not None:
+            extra = extra.projected(lambda p: tuple(
+                m(p).reshape(p.shape[0], p.shape[1], H, D) for m in (sa.key, sa.value)))
         a = L.dot_product_attention(q, k, v, mask_BTS, scale=D ** -0.5, extra=extra,
                                     dropout_rate=cfg.attention_dropout,
                                     dropout_rng=L.fold(dropout_rng, 0)).reshape(B, T, E)

@@ -104,10 +104,23 @@ class GPT2Attention(nnx.Module):
         scale = (D ** -0.5 if cfg.scale_attn_weights else 1.0)
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        out = L.dot_product_attention(q, k, v, mask_BTS, scale=scale, extra=extra,
+        gated = extra is not None and extra.gate is not None
+        if extra is not None:
+            extra = extra.projected(self.project_kv)
+        out = L.dot_product_attention(q, k, v, mask_BTS, scale=scale,
+                                      extra=None if gated else extra,
                                       dropout_rate=cfg.attn_pdrop, dropout_rng=L.fold(dropout_rng, 0))
-        out = self.c_proj(out.reshape(B, T, E))
-        return L.dropout(out, cfg.resid_pdrop, L.fold(dropout_rng, 1)), new_cache
+        out = L.dropout(self.c_proj(out.reshape(B, T, E)), cfg.resid_pdrop, L.fold(dropout_rng, 1))
+        if gated:  # LLaMA-Adapter on GPT-2, as PEFT: the gated term joins after c_proj, unprojected
+            out = out + L.gated_attention(q, extra, scale=scale).reshape(B, T, E)
+        return out, new_cache
+
+    def project_kv(self, x_BPE):
+        """Keys and values of hidden states ``x`` (LLaMA-Adapter's prompt through c_attn)."""
+        B, P, E = x_BPE.shape
+        _, k, v = jnp.split(self.c_attn(x_BPE), 3, axis=-1)
+        return (k.reshape(B, P, self.cfg.num_heads, self.cfg.head_dim),
+                v.reshape(B, P, self.cfg.num_heads, self.cfg.head_dim))
 
 
 class GPT2MLP(nnx.Module):

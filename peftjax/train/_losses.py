@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from peftjax.data._formats import IGNORE_INDEX  # noqa: F401  (labels the data marks ignored)
 
 
 def _token_ce(logits_NV, labels_N, valid_N):

@@ -26,12 +26,12 @@ every process's devices. Each process then feeds its own slice of the global bat
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from peftjax.config import MeshConfig  # noqa: F401  (re-exported)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -41,23 +41,6 @@ DEFAULT_RULES: dict[str, str | None] = {
     "qkv": "tensor", "embed_out": "tensor", "head_dim": None, "lora_rank": None, "labels": None,
     "positions": None, "types": None,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape; ``-1`` on one axis takes the devices the others leave.
-    ``distributed=True`` calls ``jax.distributed.initialize()`` first (multi-host)."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    distributed: bool = False
-
-    def __post_init__(self):
-        sizes = (self.data, self.fsdp, self.tensor)
-        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-            raise ValueError(f"mesh (data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}): "
-                             "sizes must be positive, with at most one -1")
 
 
 def initialize_distributed() -> None:

@@ -8,6 +8,7 @@ section, the train step and the commands only talk to these hooks.
 
 Hooks (defaults in :class:`TunerConfig`):
 
+- ``resolved(model)``: the config with the fields PEFT fills from the model.
 - ``inject(model, *, rngs) -> modules``: rewrites ``model`` in place (adapted layers) and/or
   returns new modules the ``PeftModel`` holds beside it (a prompt encoder); the model's outputs
   right after injection are the method's documented init behaviour.
@@ -54,6 +55,7 @@ class TunerConfig:
     method: ClassVar[str]       # the YAML ``peft.method`` name
     peft_type: ClassVar[str]    # PEFT's ``peft_type`` in adapter_config.json
     mergeable: ClassVar[bool] = False
+    takes_task_ids: ClassVar[bool] = False  # a call may pass task_ids [B] (a prompt bank)
     merge_reason: ClassVar[str] = ""
     # adapter_config.json fields that carry no meaning for the saved adapter's outputs
     harmless_fields: ClassVar[frozenset] = frozenset(
@@ -68,6 +70,11 @@ class TunerConfig:
         return self
 
     # ------------------------------------------------------------------ hooks with defaults
+    def resolved(self, model: nnx.Module) -> TunerConfig:
+        """The config with the fields PEFT fills from the model (shapes, default targets);
+        what ``PeftModel.peft_config`` holds and adapter files record."""
+        return self
+
     def inject(self, model: nnx.Module, *, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
         raise NotImplementedError
 

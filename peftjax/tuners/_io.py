@@ -74,7 +74,7 @@ def load_adapter(base: nnx.Module, directory: str) -> PeftModel:
     except Exception:
         model.unload()  # leave the caller's base model as it was
         raise
-    model.peft_config = config
+    model.peft_config = config.resolved(model.base_model)
     return model
 
 

@@ -28,16 +28,29 @@ class PeftModel(nnx.Module):
         self.added = nnx.Dict(modules or {})
 
     def __call__(self, *args, dropout_rng=None, **kwargs):
-        """Calls the model. ``dropout_rng`` turns on dropout: the model's own and the adapter's."""
-        return self.peft_config.call(self, args, {**kwargs, "dropout_rng": dropout_rng})
+        """Calls the model. ``dropout_rng`` turns on dropout: the model's own and the adapter's.
+        ``task_ids`` [B] picks each row's prompt of a multi-task prompt bank."""
+        cfg = self.peft_config
+        if kwargs.get("task_ids") is not None and not cfg.takes_task_ids:
+            raise ValueError(f"task_ids select prompts of a multi-task prompt bank "
+                             f"(PromptTuningConfig(num_tasks=N)); {cfg.method} has no tasks")
+        if not cfg.takes_task_ids:
+            kwargs.pop("task_ids", None)
+        return cfg.call(self, args, {**kwargs, "dropout_rng": dropout_rng})
 
     @property
     def config(self):
         return self.base_model.config
 
-    def init_cache(self, batch: int, max_len: int, dtype=None):
-        """A KV cache for ``max_len`` caller tokens (plus whatever the method puts in front)."""
-        return self.peft_config.init_cache(self, batch, max_len, dtype)
+    def init_cache(self, batch: int, max_len: int, dtype=None, task_ids=None):
+        """A KV cache for ``max_len`` caller tokens (plus whatever the method puts in front;
+        ``task_ids`` pick a prompt bank's prompts)."""
+        if task_ids is None:
+            return self.peft_config.init_cache(self, batch, max_len, dtype)
+        if not self.peft_config.takes_task_ids:
+            raise ValueError(f"task_ids select prompts of a multi-task prompt bank; "
+                             f"{self.peft_config.method} has no tasks")
+        return self.peft_config.init_cache(self, batch, max_len, dtype, task_ids=task_ids)
 
     def lora_layers(self):
         return lora_layers(self.base_model)
@@ -146,4 +159,5 @@ def get_peft_model(model: nnx.Module, config: TunerConfig, *, rngs: nnx.Rngs) ->
     if not isinstance(config, TunerConfig):
         raise TypeError(f"expected a PEFT method config (LoraConfig, PromptTuningConfig, ...), "
                         f"got {type(config).__name__}")
+    config = config.resolved(model)
     return PeftModel(model, config, config.inject(model, rngs=rngs))

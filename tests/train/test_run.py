@@ -201,17 +201,20 @@ def test_eval_export_merge_commands(tiny_bert, tmp_path):
     assert diff < 1e-5, diff
 
 
-def test_prompt_tuning_from_yaml_and_the_commands(tiny_bert, tmp_path):
-    """``peft.method: prompt_tuning`` through train (checkpoints, adapter), eval of the run's
-    config, export of a checkpoint, and merge refused with the reason."""
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_methods_from_yaml_and_the_commands(tiny_bert, tmp_path, method):
+    """``peft.method: prompt_tuning | prefix_tuning`` through train (checkpoints, adapter), eval
+    of the run's config, export of a checkpoint, and merge refused with the reason."""
     cfg, out = write_config(tmp_path, tiny_bert, "prompt", train={"steps": 4, "save_every": 2})
     raw = yaml.safe_load(open(cfg))
-    raw["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 6, "task_type": "SEQ_CLS"}
+    raw["peft"] = {"method": method, "num_virtual_tokens": 6, "task_type": "SEQ_CLS"}
+    if method == "prefix_tuning":  # the reparameterisation trains; the file holds plain prefixes
+        raw["peft"].update(prefix_projection=True, encoder_hidden_size=16)
     open(cfg, "w").write(yaml.safe_dump(raw))
     proc = cli("train", cfg, check=0)
-    assert "(prompt_tuning)" in proc.stdout, proc.stdout
+    assert f"({method})" in proc.stdout, proc.stdout
     adapter = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
-    assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 6
+    assert adapter["peft_type"] == method.upper() and adapter["num_virtual_tokens"] == 6
     proc = cli("eval", os.path.join(out, "config.yaml"), "--split", "test", check=0)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == \
@@ -222,7 +225,7 @@ def test_prompt_tuning_from_yaml_and_the_commands(tiny_bert, tmp_path):
         "base_model.classifier.bias", "base_model.classifier.weight", "prompt_embeddings"]
     proc = cli("merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),
                "--out", str(tmp_path / "merged"), check=1)
-    assert "prompt_tuning cannot be merged into the weights" in proc.stderr, proc.stderr
+    assert f"{method} cannot be merged into the weights" in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "merged")
 
 
@@ -318,3 +321,40 @@ def test_dry_run_tiny(tiny_bert, tmp_path):
     proc = cli("train", cfg, "--dry-run", check=0)
     assert "trainable" in proc.stdout and "XLA memory analysis" in proc.stdout
     assert not os.path.exists(out)
+
+
+def test_mixed_task_prompt_bank_from_yaml(tiny_bert, tmp_path):
+    """A ``task`` field in the data (VADER's movie and Amazon reviews, human-rated) trains a
+    2-task prompt bank from YAML; evaluation feeds each example its task; the adapter holds one
+    prompt per task. A task field without a bank is refused before any work."""
+    from peftjax.data import load_rows
+    rows = []
+    for task, corpus in (("movie", "movie_reviews"), ("amazon", "amazon_reviews")):
+        for r in load_rows(f"vader:{corpus}", splits=["train"])["train"][:80]:
+            rows.append({"text": r["text"], "label": r["label"], "task": task})
+    rows = [rows[i] for i in np.random.RandomState(0).permutation(len(rows))]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, out = write_config(
+        tmp_path, tiny_bert, "bank", train={"steps": 4, "save_every": 4},
+        peft={"method": "prompt_tuning", "num_virtual_tokens": 4, "num_tasks": 2,
+              "task_type": "SEQ_CLS"},
+        data={"source": str(data), "validation_fraction": 0.2, "test_split": None,
+              "task_field": "task", "task_names": ["movie", "amazon"], "max_examples": None})
+    raw = yaml.safe_load(open(cfg))
+    raw["peft"] = {k: v for k, v in raw["peft"].items() if k not in (
+        "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")}
+    open(cfg, "w").write(yaml.safe_dump(raw))
+    cli("train", cfg, check=0)
+    from safetensors.numpy import load_file
+    saved = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert saved["prompt_embeddings"].shape == (2 * 4, 32)
+    assert json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["num_tasks"] == 2
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["best"]["metric"] == "accuracy" and 0.0 <= summary["best"]["value"] <= 1.0
+    proc = cli("eval", os.path.join(out, "config.yaml"), "--split", "validation", check=0)
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == summary["best"]["value"]
+    raw["peft"]["num_tasks"] = 1
+    open(cfg, "w").write(yaml.safe_dump(raw))
+    proc = cli("train", cfg, check=1)
+    assert "data.task_field='task' gives each example a task" in proc.stderr, proc.stderr

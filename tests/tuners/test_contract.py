@@ -18,10 +18,22 @@ import optax
 import pytest
 from flax import nnx
 
-from peftjax import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peftjax import (
+    AdaptionPromptConfig,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from peftjax.models import from_pretrained
-from peftjax.train import (OptimizerConfig, make_optimizer, make_train_step, set_remat,
-                           split_model)
+from peftjax.train import (
+    OptimizerConfig,
+    make_optimizer,
+    make_train_step,
+    set_remat,
+    split_model,
+)
 from peftjax.tuners import registered
 from tests.conftest import REPO, batch
 
@@ -29,6 +41,10 @@ from tests.conftest import REPO, batch
 CONTRACT = {
     "lora": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), True),
     "prompt_tuning": (PromptTuningConfig(num_virtual_tokens=4), False),
+    "prefix_tuning": (PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True,
+                                         encoder_hidden_size=16), False),
+    # zero gates at init: the gates are all that gets a gradient in the first step
+    "adaption_prompt": (AdaptionPromptConfig(adapter_len=3, adapter_layers=2), True),
 }
 IDS, MASK = batch(lengths=(12, 9, 7, 12, 10, 5, 12, 8), seed=1)
 DATA = {"input_ids": IDS, "attention_mask": MASK, "labels": np.where(MASK == 1, IDS, -100)}
@@ -153,3 +169,27 @@ def test_eight_devices_equal_one(tiny_dir, tmp_path):
         print(f"{method}: mesh (2,2,2) vs 1 device: loss {loss_diff:.1e}, adapter {leaf_diff:.1e}")
         assert one["losses"][-1] < one["losses"][0]
         assert loss_diff <= 1e-5 and leaf_diff <= 1e-5, method
+
+
+@pytest.mark.parametrize("method", list(CONTRACT))
+def test_generate_command_with_the_adapter(tiny_llama_with_real_tokenizer, tmp_path, capsys,
+                                           method):
+    """``peftjax generate --model M --adapter DIR`` loads every method's adapter and prints
+    what ``peftjax.generate`` gives for the same adapter (greedy, a real tokenizer)."""
+    import peftjax
+    from peftjax.cli import main
+    path = tiny_llama_with_real_tokenizer
+    config, _ = CONTRACT[method]
+    model = get_peft_model(from_pretrained(path, progress=False), config, rngs=nnx.Rngs(0))
+    if method == "adaption_prompt":  # open the gates, as training would
+        for p in model.added["adaption_prompts"]:
+            p.adaption_gate[...] = jnp.ones((1,), jnp.float32)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    prompts = ["The movie was", "Review: dull. Sentiment:"]
+    want = peftjax.generate(model, prompts, tokenizer=peftjax.load_tokenizer(path),
+                            max_new_tokens=5, temperature=0.0).texts
+    capsys.readouterr()
+    assert main(["generate", "--model", path, "--adapter", str(tmp_path / "adapter"),
+                 "--max-new-tokens", "5", *prompts]) == 0
+    printed = capsys.readouterr().out
+    assert printed == "".join(f"### {p}\n{t}\n\n" for p, t in zip(prompts, want)), printed

@@ -17,6 +17,7 @@ from peftjax import PeftModel, PromptTuningConfig, get_peft_model
 from peftjax.models import CheckpointError, from_pretrained
 from peftjax.tuners import PromptParam
 from tests.conftest import batch, hf_class
+from tests.tuners.common import greedy_reference
 
 V = 5
 # arch -> (task, PEFT task_type)
@@ -167,10 +168,81 @@ def test_greedy_generation_equals_peft(tiny_dir, tmp_path, arch):
         hf = peft.PeftModel.from_pretrained(hf_class(arch, "causal_lm").from_pretrained(path),
                                             str(tmp_path / "p")).eval()
     for row, got in zip(rows, ours.sequences()):
-        seq = list(row)
-        for _ in range(8):
-            with torch.no_grad():
-                logits = hf(input_ids=torch.tensor([seq]),
-                            attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits
-            seq.append(int(logits[0, -1].argmax()))
-        assert got == seq[len(row):], (arch, row)
+        assert got == greedy_reference(hf, row, 8), (arch, row)
+
+
+def test_prompt_bank_gives_each_row_its_tasks_prompt_without_recompiling(tiny_dir, tmp_path):
+    """Two prompts saved separately, stacked into a bank: every row of a mixed batch equals that
+    example run alone with its own task's adapter (1e-5), a new mix of tasks reuses the compiled
+    function, generation takes task_ids, and bad task ids are explained."""
+    import peftjax
+    path = tiny_dir("llama")
+    singles = []
+    for t in range(2):
+        m = get_peft_model(from_pretrained(path, progress=False),
+                           PromptTuningConfig(num_virtual_tokens=V, task_type="CAUSAL_LM"),
+                           rngs=nnx.Rngs(10 + t))
+        m.save_pretrained(str(tmp_path / f"task{t}"))
+        singles.append(m)
+    bank = peftjax.prompt_bank(from_pretrained(path, progress=False),
+                               [str(tmp_path / "task0"), str(tmp_path / "task1")])
+    assert bank.peft_config.num_tasks == 2
+    traces = []
+
+    @nnx.jit
+    def run(m, ids, mask, task_ids):
+        traces.append(1)
+        return m(ids, attention_mask=mask, task_ids=task_ids).logits
+
+    ids, mask = batch(lengths=(9, 6, 8, 4), seed=4)
+    for mix in ([0, 1, 1, 0], [1, 1, 0, 1]):
+        got = np.asarray(run(bank, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(mix)))
+        for i, t in enumerate(mix):
+            alone = _our_logits(singles[t], ids[i:i + 1], mask[i:i + 1])[0]
+            real = mask[i] == 1
+            np.testing.assert_allclose(got[i][real], alone[real], atol=1e-5, rtol=0)
+    assert len(traces) == 1  # one compile for both mixes
+    rows = [[5, 17, 33, 8, 90, 12, 7], [44, 3, 21]]
+    mixed = peftjax.generate(bank, rows, max_new_tokens=6, eos_token_id=-1, bucket=None,
+                             task_ids=[1, 0]).sequences()
+    for row, t, got in zip(rows, [1, 0], mixed):
+        assert got == peftjax.generate(singles[t], [row], max_new_tokens=6, eos_token_id=-1,
+                                       bucket=None).sequences()[0]
+    with pytest.raises(ValueError, match="holds 2 tasks: pass task_ids"):
+        bank(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    with pytest.raises(ValueError, match=r"task_ids \[2\] out of range: the bank holds tasks 0..1"):
+        bank(jnp.asarray(ids), attention_mask=jnp.asarray(mask), task_ids=[0, 2, 1, 0])
+    with pytest.raises(ValueError, match="task_ids other than 0 given, but the prompt has one"):
+        singles[0](jnp.asarray(ids), attention_mask=jnp.asarray(mask), task_ids=[0, 1, 0, 0])
+    # saved and loaded again as one bank (a peftjax file: PEFT's prompt tuning has no tasks)
+    bank.save_pretrained(str(tmp_path / "bank"))
+    saved = json.load(open(tmp_path / "bank" / "adapter_config.json"))
+    assert saved["num_tasks"] == 2 and "num_tasks" not in json.load(
+        open(tmp_path / "task0" / "adapter_config.json"))
+    again = PeftModel.from_pretrained(from_pretrained(path, progress=False), str(tmp_path / "bank"))
+    np.testing.assert_array_equal(
+        np.asarray(run(again, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray([1, 0, 0, 1]))),
+        np.asarray(run(bank, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray([1, 0, 0, 1]))))
+
+
+def test_prompt_bank_refuses_adapters_that_do_not_stack(tiny_dir, tmp_path):
+    import peftjax
+    from peftjax import LoraConfig
+    path = tiny_dir("llama")
+    get_peft_model(from_pretrained(path, progress=False), PromptTuningConfig(num_virtual_tokens=V),
+                   rngs=nnx.Rngs(0)).save_pretrained(str(tmp_path / "a"))
+    get_peft_model(from_pretrained(path, progress=False),
+                   PromptTuningConfig(num_virtual_tokens=V + 1),
+                   rngs=nnx.Rngs(0)).save_pretrained(str(tmp_path / "b"))
+    lora = get_peft_model(from_pretrained(path, progress=False), LoraConfig(r=2),
+                          rngs=nnx.Rngs(0))
+    lora.save_pretrained(str(tmp_path / "l"))
+    with pytest.raises(CheckpointError, match="num_virtual_tokens=6.*a bank's prompts must agree"):
+        peftjax.prompt_bank(from_pretrained(path, progress=False),
+                            [str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(CheckpointError, match="a LORA adapter; a prompt bank stacks PROMPT_TUNING"):
+        peftjax.prompt_bank(from_pretrained(path, progress=False),
+                            [str(tmp_path / "a"), str(tmp_path / "l")])
+    ids, mask = batch(lengths=(5, 3))
+    with pytest.raises(ValueError, match="lora has no tasks"):
+        lora(jnp.asarray(ids), attention_mask=jnp.asarray(mask), task_ids=jnp.asarray([0, 1]))

@@ -1,0 +1,46 @@
+"""Helpers the method tests share: quiet PEFT calls and logits from both sides."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` without PEFT's/transformers' warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def torch_logits(model, ids, mask) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def our_logits(model, ids, mask) -> np.ndarray:
+    run = nnx.jit(lambda m, i, a: m(i, attention_mask=a))
+    return np.asarray(run(model, jnp.asarray(ids), jnp.asarray(mask)).logits)
+
+
+def max_diff(task: str, a, b, mask) -> float:
+    """Largest difference over real tokens (per-token logits) or over rows (one per row)."""
+    real = mask.astype(bool)
+    return float(np.abs(a[real] - b[real]).max() if task == "causal_lm" else np.abs(a - b).max())
+
+
+def greedy_reference(hf_model, row: list[int], n: int) -> list[int]:
+    """``n`` tokens after ``row``: the PyTorch model's argmax, extended one token at a time
+    without a cache (the reference for the cache path of generation)."""
+    import torch
+    seq = list(row)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf_model(input_ids=torch.tensor([seq]),
+                              attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(row):]

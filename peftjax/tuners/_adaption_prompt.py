@@ -104,9 +104,10 @@ class AdaptionPromptConfig(TunerConfig):
 
     def call(self, peft_model, args, kwargs):
         base = peft_model.base_model
-        extra = [None] * base.config.num_layers
-        for (i, _), p in zip(self.adapted(base), peft_model.added["adaption_prompts"]):
-            extra[i] = ExtraKV(prompt=p.adaption_prompt[...], gate=p.adaption_gate[...])
+        n = base.config.num_layers  # the adapted layers are the top ones (checked at inject)
+        extra = [None] * (n - self.adapter_layers) + [
+            ExtraKV(prompt=p.adaption_prompt[...], gate=p.adaption_gate[...])
+            for p in peft_model.added["adaption_prompts"]]
         return base(*args, extra_kv=extra, **kwargs)
 
     def peft_entries(self, peft_model) -> dict:

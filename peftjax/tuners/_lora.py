@@ -24,21 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, dropout, fold, param_value
-from peftjax.tuners._base import (
-    PREFIX,
-    TASK_TYPES,
-    AdapterParam,
-    TunerConfig,
-    as_tuple,
-    register,
-)
-from peftjax.tuners._targets import (
-    find_targets,
-    get_submodule,
-    named_modules,
-    pattern_key,
-    set_submodule,
-)
+from peftjax.tuners._base import (PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple,
+                                  register)
+from peftjax.tuners._targets import (find_targets, get_submodule, named_modules, pattern_key,
+                                     set_submodule)
 
 BIAS_MODES = ("none", "all", "lora_only")
 # PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).

@@ -30,13 +30,15 @@ class PeftModel(nnx.Module):
     def __call__(self, *args, dropout_rng=None, **kwargs):
         """Calls the model. ``dropout_rng`` turns on dropout: the model's own and the adapter's.
         ``task_ids`` [B] picks each row's prompt of a multi-task prompt bank."""
-        cfg = self.peft_config
-        if kwargs.get("task_ids") is not None and not cfg.takes_task_ids:
+        if not self.peft_config.takes_task_ids:
+            self._refuse_task_ids(kwargs.pop("task_ids", None))
+        return self.peft_config.call(self, args, {**kwargs, "dropout_rng": dropout_rng})
+
+    def _refuse_task_ids(self, task_ids) -> None:
+        if task_ids is not None:
             raise ValueError(f"task_ids select prompts of a multi-task prompt bank "
-                             f"(PromptTuningConfig(num_tasks=N)); {cfg.method} has no tasks")
-        if not cfg.takes_task_ids:
-            kwargs.pop("task_ids", None)
-        return cfg.call(self, args, {**kwargs, "dropout_rng": dropout_rng})
+                             f"(PromptTuningConfig(num_tasks=N)); {self.peft_config.method} has "
+                             "no tasks")
 
     @property
     def config(self):
@@ -48,8 +50,7 @@ class PeftModel(nnx.Module):
         if task_ids is None:
             return self.peft_config.init_cache(self, batch, max_len, dtype)
         if not self.peft_config.takes_task_ids:
-            raise ValueError(f"task_ids select prompts of a multi-task prompt bank; "
-                             f"{self.peft_config.method} has no tasks")
+            self._refuse_task_ids(task_ids)
         return self.peft_config.init_cache(self, batch, max_len, dtype, task_ids=task_ids)
 
     def lora_layers(self):

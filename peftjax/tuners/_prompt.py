@@ -25,13 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.tuners._base import (
-    TASK_TYPES,
-    AdapterParam,
-    TunerConfig,
-    as_tuple,
-    register,
-)
+from peftjax.tuners._base import TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 HEAD_NAMES = ("classifier", "score")  # PEFT's cls_layer_names for SEQ_CLS

@@ -145,8 +145,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_dir):
         after = _flat(trainable)
         results.append((float(metrics["loss"]), {k: after[k] - before[k] for k in after}))
     (loss1, g1), *others = results
-    # float32 sums in another order: the gradients agree to 1e-5 of their largest entry
-    tol = 1e-5 * max(np.abs(v).max() for v in g1.values())
+    # float32 sums in another order: the gradients agree to 5e-6 of their largest entry
+    # (measured on an AMD EPYC: largest update 0.44, largest difference 1.1e-6 = 2.5e-6 of it)
+    tol = 5e-6 * max(np.abs(v).max() for v in g1.values())
+    worst = max(np.abs(g[k] - g1[k]).max() for _, g in others for k in g1)
+    print(f"largest update {tol / 5e-6:.3g}; accumulated vs one batch: max diff {worst:.2e}")
     for loss, g in others:
         assert abs(loss - loss1) <= 1e-6 * abs(loss1)
         for k in g1:

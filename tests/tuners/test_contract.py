@@ -18,22 +18,10 @@ import optax
 import pytest
 from flax import nnx
 
-from peftjax import (
-    AdaptionPromptConfig,
-    LoraConfig,
-    PeftModel,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    get_peft_model,
-)
+from peftjax import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig,
+                     PromptTuningConfig, get_peft_model)
 from peftjax.models import from_pretrained
-from peftjax.train import (
-    OptimizerConfig,
-    make_optimizer,
-    make_train_step,
-    set_remat,
-    split_model,
-)
+from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, set_remat, split_model
 from peftjax.tuners import registered
 from tests.conftest import REPO, batch
 

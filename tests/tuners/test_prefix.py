@@ -17,13 +17,7 @@ import peftjax
 from peftjax import PeftModel, PrefixTuningConfig, get_peft_model
 from peftjax.models import from_pretrained
 from tests.conftest import batch, hf_class
-from tests.tuners.common import (
-    greedy_reference,
-    max_diff,
-    our_logits,
-    quiet,
-    torch_logits,
-)
+from tests.tuners.common import greedy_reference, max_diff, our_logits, quiet, torch_logits
 
 V = 5
 SPECS = {"llama": ("causal_lm", "CAUSAL_LM"), "mistral": ("causal_lm", "CAUSAL_LM"),

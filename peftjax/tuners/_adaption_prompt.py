@@ -94,7 +94,7 @@ class AdaptionPromptConfig(TunerConfig):
         return found[len(found) - self.adapter_layers:]
 
     # ------------------------------------------------------------------------ tuner hooks
-    def inject(self, model, *, rngs: nnx.Rngs) -> dict:
+    def inject(self, model, *, rngs: nnx.Rngs, adapter_name: str = "default") -> dict:
         self.adapted(model)  # refuses more layers than the model has
         E = model.config.hidden_size
         keys = jax.random.split(rngs.params(), self.adapter_layers)

@@ -9,9 +9,14 @@ section, the train step and the commands only talk to these hooks.
 Hooks (defaults in :class:`TunerConfig`):
 
 - ``resolved(model)``: the config with the fields PEFT fills from the model.
-- ``inject(model, *, rngs) -> modules``: rewrites ``model`` in place (adapted layers) and/or
-  returns new modules the ``PeftModel`` holds beside it (a prompt encoder); the model's outputs
+- ``inject(model, *, rngs, adapter_name) -> modules``: rewrites ``model`` in place (adapted
+  layers, holding each adapter's leaves under its name) and/or returns new modules the
+  ``PeftModel`` holds beside it under the adapter's name (a prompt encoder); the model's outputs
   right after injection are the method's documented init behaviour.
+- ``activate(peft_model, names)`` / ``remove(peft_model, name)``: for methods that put leaves
+  into the model's layers: which adapters those layers apply (none: disabled), and deleting
+  one adapter's leaves. Hooks that read the adapter (``call``, ``peft_entries``, ...) use
+  ``peft_model.added`` / ``peft_model.active_adapter``: the active adapter.
 - ``call(peft_model, args, kwargs)``: runs the model; methods that add inputs (virtual tokens,
   task ids) do it here and give back outputs aligned with the caller's tokens.
 - ``init_cache(peft_model, batch, max_len)``: the KV cache generation starts from; a method
@@ -22,7 +27,8 @@ Hooks (defaults in :class:`TunerConfig`):
   adapter file holds; one mapping serves saving, the strict check on loading, and loading.
 - ``to_peft_dict()`` / ``from_peft_dict(data, path)``: ``adapter_config.json`` both ways,
   refusing options that change the math and are not implemented.
-- ``mergeable`` and ``merge_reason``: whether the adapter folds into the weights.
+- ``mergeable`` and ``merge_reason``: whether the adapter folds into the weights;
+  ``combinable``: whether several adapters can be active at once (their effects add up).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class TunerConfig:
     method: ClassVar[str]       # the YAML ``peft.method`` name
     peft_type: ClassVar[str]    # PEFT's ``peft_type`` in adapter_config.json
     mergeable: ClassVar[bool] = False
+    combinable: ClassVar[bool] = False  # several adapters may be active together (LoRA)
     takes_task_ids: ClassVar[bool] = False  # a call may pass task_ids [B] (a prompt bank)
     merge_reason: ClassVar[str] = ""
     # adapter_config.json fields that carry no meaning for the saved adapter's outputs
@@ -75,8 +82,15 @@ class TunerConfig:
         what ``PeftModel.peft_config`` holds and adapter files record."""
         return self
 
-    def inject(self, model: nnx.Module, *, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+    def inject(self, model: nnx.Module, *, rngs: nnx.Rngs,
+               adapter_name: str = "default") -> dict[str, nnx.Module]:
         raise NotImplementedError
+
+    def activate(self, peft_model, names: tuple[str, ...]) -> None:
+        """Makes the model's adapted layers apply adapters ``names`` (empty: none)."""
+
+    def remove(self, peft_model, adapter_name: str) -> None:
+        """Deletes what ``inject`` put into the model's layers for ``adapter_name``."""
 
     def call(self, peft_model, args: tuple, kwargs: dict):
         return peft_model.base_model(*args, **kwargs)

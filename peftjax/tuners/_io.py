@@ -60,25 +60,32 @@ def read_config(directory: str) -> TunerConfig:
         raise CheckpointError(f"{e}" if str(e).startswith(path) else f"{path}: {e}") from e
 
 
-def load_adapter(base: nnx.Module, directory: str) -> PeftModel:
-    """Adds the adapter stored in ``directory`` to ``base`` (in place) and loads its tensors."""
-    config = read_config(directory)
+def stored_weights(directory: str) -> tuple[SafetensorsFile, str]:
+    """The adapter's tensor file in ``directory`` (opened lazily) and its path."""
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     if not os.path.isfile(weights_path):
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (adapter_model.bin is not read; "
                               "re-save it with safe_serialization=True).")
-    stored = SafetensorsFile(weights_path)
-    model = get_peft_model(base, config.for_loading(), rngs=nnx.Rngs(0))
+    return SafetensorsFile(weights_path), weights_path
+
+
+def load_adapter(base: nnx.Module, directory: str, adapter_name: str = "default") -> PeftModel:
+    """Adds the adapter stored in ``directory`` to ``base`` (in place) and loads its tensors."""
+    config = read_config(directory)
+    stored, weights_path = stored_weights(directory)
+    model = get_peft_model(base, config.for_loading(), rngs=nnx.Rngs(0),
+                           adapter_name=adapter_name)
     try:
-        _fill(model, stored, weights_path)
+        fill_adapter(model, stored, weights_path)
     except Exception:
         model.unload()  # leave the caller's base model as it was
         raise
-    model.peft_config = config.resolved(model.base_model)
+    model._set_config(adapter_name, config.resolved(model.base_model))
     return model
 
 
-def _fill(model: PeftModel, stored: SafetensorsFile, weights_path: str) -> None:
+def fill_adapter(model: PeftModel, stored: SafetensorsFile, weights_path: str) -> None:
+    """Writes the stored tensors into the active adapter, strictly (see the module doc)."""
     entries = model.peft_config.peft_entries(model)
     by_name = {k.replace(".default.", "."): k for k in stored}  # very old PEFT kept the name
     missing = sorted(set(entries) - set(by_name))

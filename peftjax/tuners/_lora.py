@@ -96,6 +96,7 @@ class LoraConfig(TunerConfig):
     method = "lora"
     peft_type = "LORA"
     mergeable = True
+    combinable = True
     harmless_fields = TunerConfig.harmless_fields | {
         "loftq_config", "eva_config", "corda_config", "megatron_core", "qalora_group_size",
         "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
@@ -143,9 +144,10 @@ class LoraConfig(TunerConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     # ------------------------------------------------------------------------ tuner hooks
-    def inject(self, model, *, rngs: nnx.Rngs) -> dict:
-        """Wraps every targeted linear layer in its LoRA class (in place). ``target_modules``
-        None means PEFT's per-architecture default; no match raises, listing the names."""
+    def inject(self, model, *, rngs: nnx.Rngs, adapter_name: str = "default") -> dict:
+        """Gives every targeted linear layer factors named ``adapter_name`` (wrapping it in its
+        LoRA class first, in place). ``target_modules`` None means PEFT's per-architecture
+        default; no match raises, listing the names."""
         config = self
         if config.target_modules is None:
             model_type = model.config.model_type
@@ -155,12 +157,27 @@ class LoraConfig(TunerConfig):
             config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
         for site, name in enumerate(find_targets(model, config)):
             layer = get_submodule(model, name)
+            if not is_lora_layer(layer):
+                layer = lora_class(type(layer))(layer)
+                set_submodule(model, name, layer)
             r, alpha = config.rank_alpha(name)
-            new = lora_class(type(layer))(layer, r=r, scaling=config.scaling(r, alpha),
-                                          dropout=config.lora_dropout,
-                                          init=config.init_lora_weights, site=site, rngs=rngs)
-            set_submodule(model, name, new)
+            layer.lora[adapter_name] = LoraFactors(
+                layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
+                init=config.init_lora_weights, site=site, rngs=rngs)
         return {}
+
+    def activate(self, peft_model, names: tuple) -> None:
+        for _, layer in lora_layers(peft_model.base_model):
+            layer.set_active(names)
+
+    def remove(self, peft_model, adapter_name: str) -> None:
+        """Deletes the adapter's factors; layers left without adapters become plain again."""
+        base = peft_model.base_model
+        for name, layer in lora_layers(base):
+            if adapter_name in layer.lora:
+                layer.delete_adapter(adapter_name)
+                if not len(layer.lora):
+                    set_submodule(base, name, layer.unloaded())
 
     def call(self, peft_model, args, kwargs):
         with lora_dropout_rng(fold(kwargs.get("dropout_rng"), -100)):
@@ -175,20 +192,24 @@ class LoraConfig(TunerConfig):
         if any(f".{m}." in f".{name}." for m in self.modules_to_save or ()):
             return True  # the module or anything inside it
         if path[-1] == "bias":
-            return self.bias == "all" or (
-                self.bias == "lora_only" and is_lora_layer(get_submodule(peft_model.base_model,
-                                                                         name)))
+            if self.bias == "all":
+                return True
+            layer = get_submodule(peft_model.base_model, name)
+            return (self.bias == "lora_only" and is_lora_layer(layer)
+                    and peft_model.active_adapter in layer.lora)
         return False
 
     def peft_entries(self, peft_model) -> dict:
         """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,
         trained biases of adapted layers as ``<module>.base_layer.bias`` (PEFT's wrapper level),
         other trained parameters under their Hugging Face names."""
-        lora = dict(lora_layers(peft_model.base_model))
+        adapter = peft_model.active_adapter
+        lora = {n: m.lora[adapter] for n, m in lora_layers(peft_model.base_model)
+                if adapter in m.lora}
         out = {}
-        for name, m in lora.items():
-            out[f"{PREFIX}{name}.lora_A.weight"] = (m.lora_A, True)
-            out[f"{PREFIX}{name}.lora_B.weight"] = (m.lora_B, True)
+        for name, f in lora.items():
+            out[f"{PREFIX}{name}.lora_A.weight"] = (f.lora_A, True)
+            out[f"{PREFIX}{name}.lora_B.weight"] = (f.lora_B, True)
         out.update(peft_model.trained_base_entries(
             rename=lambda owner, key: f"{owner}.base_layer.bias"
             if owner in lora and key.endswith(".bias") else key))
@@ -201,12 +222,13 @@ class LoraConfig(TunerConfig):
         return base
 
     def merge_and_unload(self, peft_model, dtype=None):
-        """An adapted 4-bit layer becomes a float ``Linear`` holding dequantized base + adapter
-        (in ``dtype``, default the weight's original dtype), as PEFT does for bitsandbytes
-        layers; other 4-bit layers stay 4-bit."""
+        """Merges the active adapters (the others are dropped). A 4-bit layer with an active
+        adapter becomes a float ``Linear`` holding dequantized base + adapter (in ``dtype``,
+        default the weight's original dtype), as PEFT does for bitsandbytes layers; other
+        4-bit layers stay 4-bit."""
         base = peft_model.base_model
         for name, layer in lora_layers(base):
-            if layer.quantized:
+            if layer.quantized and layer.active:
                 set_submodule(base, name, layer.merged_float(dtype))
             else:
                 layer.merge()
@@ -278,65 +300,104 @@ def _lora_delta(scaling: float, dtype) -> Any:
     return delta
 
 
-class LoraMixin:
-    """Adds ``lora_A`` [in, r], ``lora_B`` [r, out] to a linear layer class (see module doc)."""
-
-    base_cls: type  # the adapted layer class, set by lora_class
+class LoraFactors(nnx.Module):
+    """One named adapter's factors in one layer: ``lora_A`` [in, r], ``lora_B`` [r, out]."""
 
     def __init__(self, base: Linear, *, r: int, scaling: float, dropout: float, init,
                  site: int, rngs: nnx.Rngs):
+        self.r, self.scaling = r, float(scaling)
+        self.dropout_rate, self.site = float(dropout), site
+        in_f, out_f = base.in_features, base.out_features
+        pdt = base.weight_dtype
+        pdt = jnp.float32 if jnp.issubdtype(pdt, jnp.floating) and jnp.finfo(pdt).bits < 32 else pdt
+        k_a, k_b = rngs.params(), rngs.params()
+        bound_a = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)), as torch/PEFT
+        if init == "gaussian":
+            a_IxR = jax.random.normal(k_a, (in_f, r)) / r
+        else:
+            a_IxR = jax.random.uniform(k_a, (in_f, r), minval=-bound_a, maxval=bound_a)
+        if init is False:
+            bound_b = 1.0 / math.sqrt(r)
+            b_RxO = jax.random.uniform(k_b, (r, out_f), minval=-bound_b, maxval=bound_b)
+        else:
+            b_RxO = jnp.zeros((r, out_f))
+        in_axis, out_axis = base.weight_axes
+        # adapters train in float32 even over bf16 base weights (mixed precision)
+        self.lora_A = LoraParam(a_IxR.astype(pdt), axes=(in_axis, "lora_rank"))
+        self.lora_B = LoraParam(b_RxO.astype(pdt), axes=("lora_rank", out_axis))
+
+    def delta_IxO(self) -> jax.Array:
+        return (param_value(self.lora_A) @ param_value(self.lora_B)) * self.scaling
+
+
+class LoraMixin:
+    """Adds named LoRA adapters to a linear layer class (see the module doc): ``lora[name]``
+    holds each adapter's factors, ``active`` the names the forward pass adds (a static
+    attribute: changing it recompiles), ``merged`` those folded into ``kernel``."""
+
+    base_cls: type  # the adapted layer class, set by lora_class
+
+    def __init__(self, base: Linear):
         # take over the base layer's attributes (its weights stay where they were, so base
         # checkpoints load unchanged); a 4-bit base brings its packed storage along
         self._base_attrs = tuple(k for k in vars(base) if not k.startswith("_"))
         for k in self._base_attrs:
             setattr(self, k, getattr(base, k))
-        self.r, self.scaling, self.merged = r, float(scaling), False
-        pdt = base.weight_dtype
-        pdt = jnp.float32 if jnp.issubdtype(pdt, jnp.floating) and jnp.finfo(pdt).bits < 32 else pdt
-        k_a, k_b = rngs.params(), rngs.params()
-        bound_a = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)), as torch/PEFT
-        if init == "gaussian":
-            a_IxR = jax.random.normal(k_a, (self.in_features, r)) / r
-        else:
-            a_IxR = jax.random.uniform(k_a, (self.in_features, r), minval=-bound_a, maxval=bound_a)
-        if init is False:
-            bound_b = 1.0 / math.sqrt(r)
-            b_RxO = jax.random.uniform(k_b, (r, self.out_features), minval=-bound_b, maxval=bound_b)
-        else:
-            b_RxO = jnp.zeros((r, self.out_features))
-        in_axis, out_axis = base.weight_axes
-        # adapters train in float32 even over bf16 base weights (mixed precision)
-        self.lora_A = LoraParam(a_IxR.astype(pdt), axes=(in_axis, "lora_rank"))
-        self.lora_B = LoraParam(b_RxO.astype(pdt), axes=("lora_rank", out_axis))
-        self.dropout_rate, self.site = float(dropout), site
+        self.lora = nnx.Dict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
 
-    def delta_IxO(self) -> jax.Array:
-        return (param_value(self.lora_A) @ param_value(self.lora_B)) * self.scaling
+    def add_adapter(self, name: str, **factors) -> None:
+        """Adds adapter ``name`` (``LoraFactors`` arguments) and makes it active here."""
+        self.lora[name] = LoraFactors(self, **factors)
+        self.active = self.active + (name,)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it first")
+        del self.lora[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def set_active(self, names) -> None:
+        self.active = tuple(n for n in names if n in self.lora)
+
+    def delta_IxO(self, names=None) -> jax.Array:
+        """The summed change ``scaling * A B`` of adapters ``names`` (default: the active ones)."""
+        names = self.active if names is None else names
+        out = jnp.zeros((self.in_features, self.out_features), jnp.float32)
+        for n in names:
+            out = out + self.lora[n].delta_IxO().astype(jnp.float32)
+        return out
 
     def __call__(self, x):
         y = super().__call__(x)
-        if self.merged:
-            return y
-        h = dropout(x, self.dropout_rate, fold(_DROPOUT_RNG.get(), self.site))
-        return y + _lora_delta(self.scaling, jnp.dtype(self.dtype))(
-            h, param_value(self.lora_A), param_value(self.lora_B))
+        for name in self.active:
+            if name in self.merged:
+                continue
+            f = self.lora[name]
+            h = dropout(x, f.dropout_rate, fold(_DROPOUT_RNG.get(), f.site))
+            y = y + _lora_delta(f.scaling, jnp.dtype(self.dtype))(
+                h, param_value(f.lora_A), param_value(f.lora_B))
+        return y
 
-    def merge(self) -> None:
+    def merge(self, names=None) -> None:
+        """Adds adapters ``names`` (default: the active ones) into ``kernel``."""
         if self.quantized:
             raise TypeError(
                 "cannot merge LoRA into a 4-bit weight in place: merging needs the float weight. "
                 "Use PeftModel.merge_and_unload() (it dequantizes the adapted layers) and, to "
                 "store 4 bits again, peftjax.quant.quantize_model (it reports the error).")
-        if not self.merged:
+        todo = [n for n in (self.active if names is None else names) if n not in self.merged]
+        if todo:
             k = param_value(self.kernel)
-            self.kernel[...] = (k.astype(jnp.float32) + self.delta_IxO()).astype(k.dtype)
-            self.merged = True
+            self.kernel[...] = (k.astype(jnp.float32) + self.delta_IxO(todo)).astype(k.dtype)
+            self.merged = self.merged + tuple(todo)
 
     def unmerge(self) -> None:
         if self.merged:
             k = param_value(self.kernel)
-            self.kernel[...] = (k.astype(jnp.float32) - self.delta_IxO()).astype(k.dtype)
-            self.merged = False
+            self.kernel[...] = (k.astype(jnp.float32) - self.delta_IxO(self.merged)).astype(k.dtype)
+            self.merged = ()
 
     def unloaded(self) -> Linear:
         """The plain base-class layer holding this layer's (possibly merged) weights."""
@@ -346,8 +407,8 @@ class LoraMixin:
         return plain
 
     def merged_float(self, dtype=None) -> Linear:
-        """For a 4-bit base: a float ``Linear`` holding dequantized base + adapter, summed in
-        float32 and rounded once to ``dtype`` (default: the weight's original dtype)."""
+        """For a 4-bit base: a float ``Linear`` holding dequantized base + the active adapters,
+        summed in float32 and rounded once to ``dtype`` (default: the weight's original dtype)."""
         if not self.quantized:
             raise TypeError("merged_float is for 4-bit layers; merge() a float layer in place")
         plain = self.unloaded().dequantized(jnp.float32)

@@ -118,7 +118,7 @@ class PrefixTuningConfig(PromptLearning):
                                    encoder_hidden_size=self.encoder_hidden_size or K * D)
 
     # ------------------------------------------------------------------------ tuner hooks
-    def inject(self, model, *, rngs: nnx.Rngs) -> dict:
+    def inject(self, model, *, rngs: nnx.Rngs, adapter_name: str = "default") -> dict:
         cfg = self.resolved(model)
         V, width = cfg.num_virtual_tokens, cfg.num_layers * 2 * cfg.token_dim
         zero = cfg.init_weights == "zero"

@@ -171,7 +171,7 @@ class PromptTuningConfig(PromptLearning):
             raise ValueError("invalid PromptTuningConfig: " + "; ".join(problems) + ".")
 
     # ------------------------------------------------------------------------ tuner hooks
-    def inject(self, model, *, rngs: nnx.Rngs) -> dict:
+    def inject(self, model, *, rngs: nnx.Rngs, adapter_name: str = "default") -> dict:
         V = self.num_virtual_tokens * self.num_tasks  # a bank: task t owns rows t*V .. t*V+V-1
         table = model.backbone.input_embeddings if hasattr(model, "backbone") else None
         table = table if table is not None else model.input_embeddings
@@ -328,5 +328,5 @@ def prompt_bank(base, directories: list[str]):
     for key, (var, transposed) in entries.items():
         value = heads[key]
         var[...] = jnp.asarray(value.T if transposed else value, var[...].dtype)
-    model.peft_config = config
+    model._set_config(model.active_adapter, config)
     return model

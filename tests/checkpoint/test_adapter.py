@@ -96,7 +96,8 @@ def test_peftjax_trained_adapter_loads_in_peft(tiny_dir, tmp_path, arch):
     before = _run_ours(ours, ids, mask)
     losses = train_briefly(ours, task, *batch(lengths=(12, 9, 7, 12), seed=5))
     assert losses[-1] < losses[0]
-    trained_b = [np.abs(np.asarray(layer.lora_B[...])).max() for _, layer in ours.lora_layers()]
+    trained_b = [np.abs(np.asarray(layer.lora["default"].lora_B[...])).max()
+                 for _, layer in ours.lora_layers()]
     assert min(trained_b) > 0                           # every B moved away from zero
     ours.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -27,6 +27,7 @@ from peftjax.quant._io import (dequantize_model, has_quantized, merge_and_requan
 from peftjax.quant._linear import QuantizedLinear, QuantWeight  # noqa: E402
 from peftjax.train import make_optimizer, make_train_step, split_model  # noqa: E402
 from peftjax.train._optim import OptimizerConfig  # noqa: E402
+from peftjax.tuners import is_lora_layer  # noqa: E402
 from tests.conftest import batch, exact_bitsandbytes  # noqa: E402
 
 exact_bitsandbytes()
@@ -147,7 +148,7 @@ def test_qlora_identity_trains_and_merges(llama_pair, tmp_path):
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                           rngs=nnx.Rngs(0))
     q_proj = peft.base_model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, QuantizedLinear) and hasattr(q_proj, "lora_A")
+    assert isinstance(q_proj, QuantizedLinear) and is_lora_layer(q_proj)
     np.testing.assert_array_equal(_logits(peft), before)  # B = 0: unchanged
     graphdef, trainable, frozen = split_model(peft)
     assert not any(isinstance(v, QuantWeight) for _, v in nnx.to_flat_state(trainable))
@@ -181,7 +182,7 @@ def test_qlora_identity_trains_and_merges(llama_pair, tmp_path):
     assert r["of_delta"] == pytest.approx(err / np.linalg.norm(delta), rel=1e-4), r
     assert len(reports) == 14 and all(r["of_delta"] > 0 for r in reports.values())
     merged = peft.merge_and_unload()
-    assert not any(hasattr(m, "lora_A") for _, m in nnx.iter_graph(merged))
+    assert not any(is_lora_layer(m) for _, m in nnx.iter_graph(merged))
     np.testing.assert_allclose(_logits(merged), trained, atol=2e-5)
     dequantize_model(merged)
     assert not has_quantized(merged)

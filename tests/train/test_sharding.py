@@ -59,14 +59,15 @@ def _run(path: str, out: str) -> None:
                 {k: jnp.asarray(v) for k, v in data.items()}, mesh), None)
             losses.append(float(m["loss"]))
         attn = "base_model", "model", "layers", 0, "self_attn", "q_proj"
+        lora = attn + ("lora", "default")
         flat_f = dict(nnx.to_flat_state(frozen))
         flat_t = dict(nnx.to_flat_state(trainable))
         results[str(shape)] = {
             "losses": losses,
             "adapters": {"/".join(map(str, p)): np.asarray(v[...]).tolist() for p, v in flat_t.items()},
             "kernel_shard": flat_f[attn + ("kernel",)][...].sharding.shard_shape((64, 64)),
-            "lora_a_shard": flat_t[attn + ("lora_A",)][...].sharding.shard_shape((64, 4)),
-            "lora_b_shard": flat_t[attn + ("lora_B",)][...].sharding.shard_shape((4, 64)),
+            "lora_a_shard": flat_t[lora + ("lora_A",)][...].sharding.shard_shape((64, 4)),
+            "lora_b_shard": flat_t[lora + ("lora_B",)][...].sharding.shard_shape((4, 64)),
             "shardings_kept": all(flat_t[p][...].sharding.is_equivalent_to(s, flat_t[p][...].ndim)
                                   for p, s in before.items()),
         }

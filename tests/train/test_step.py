@@ -90,7 +90,8 @@ def test_train_step_donates_and_writes_back(tiny_dir):
     trainable, opt_state, _ = step(trainable, opt_state, frozen, _lm_batch(), jax.random.key(0))
     assert all(x.is_deleted() for x in old)         # buffers reused for the result
     nnx.update(model, trainable)
-    assert np.abs(np.asarray(model.base_model.model.layers[0].self_attn.q_proj.lora_B[...])).max() > 0
+    q_proj = model.base_model.model.layers[0].self_attn.q_proj
+    assert np.abs(np.asarray(q_proj.lora["default"].lora_B[...])).max() > 0
 
 
 def test_causal_lm_loss_matches_transformers(tiny_dir):

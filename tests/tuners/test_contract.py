@@ -22,7 +22,7 @@ from peftjax import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningCo
                      PromptTuningConfig, get_peft_model)
 from peftjax.models import from_pretrained
 from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, set_remat, split_model
-from peftjax.tuners import registered
+from peftjax.tuners import AdapterParam, registered
 from tests.conftest import REPO, batch
 
 # method -> (config, outputs equal the base model's right after injection)
@@ -110,6 +110,57 @@ def test_remat_full_equals_none(tiny_dir, method):
     assert np.allclose(runs[0][0], runs[1][0], rtol=0, atol=1e-6)
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def _randomize(model, adapter: str, seed: int) -> None:
+    """Every leaf of ``adapter`` set to random values (so that each adapter changes outputs)."""
+    rng = np.random.default_rng(seed)
+    for _, v in nnx.to_flat_state(nnx.state(model, AdapterParam)):
+        if v.get_metadata()["adapter"] == adapter:
+            v[...] = jnp.asarray(rng.normal(0, 0.5, v[...].shape), v[...].dtype)
+
+
+@pytest.mark.parametrize("method", list(CONTRACT))
+def test_named_adapters(tiny_dir, tmp_path, method):
+    """A second adapter of the method: adding it changes nothing until ``set_adapter``; then the
+    model equals that adapter alone (loaded from its file, written by ``save_pretrained`` into a
+    subdirectory as PEFT does); ``disable_adapter`` gives the base model; only the active
+    adapter trains; ``delete_adapter`` brings the first back."""
+    config, _ = CONTRACT[method]
+    path = tiny_dir("llama")
+    base_logits = _logits(from_pretrained(path, progress=False))
+    model = get_peft_model(from_pretrained(path, progress=False), config, rngs=nnx.Rngs(0))
+    _randomize(model, "default", 1)
+    first = _logits(model)
+    model.add_adapter("other", config)
+    _randomize(model, "other", 2)
+    assert model.active_adapters == ["default"]
+    np.testing.assert_array_equal(_logits(model), first)
+    model.set_adapter("other")
+    second = _logits(model)
+    assert np.abs(second - first).max() > 1e-2
+    with model.disable_adapter():
+        np.testing.assert_array_equal(_logits(model), base_logits)
+    np.testing.assert_array_equal(_logits(model), second)
+
+    mask = dict(nnx.to_flat_state(model.trainable_mask()))  # exactly the active adapter's
+    leaves = list(nnx.to_flat_state(nnx.state(model, AdapterParam)))
+    assert {p for p, on in mask.items() if on} == {
+        p for p, v in leaves if v.get_metadata()["adapter"] == "other"}
+
+    model.save_pretrained(str(tmp_path))
+    alone = PeftModel.from_pretrained(from_pretrained(path, progress=False),
+                                      str(tmp_path / "other"))
+    np.testing.assert_allclose(_logits(alone), second, rtol=0, atol=1e-6)
+    both = PeftModel.from_pretrained(from_pretrained(path, progress=False), str(tmp_path))
+    both.load_adapter(str(tmp_path / "other"), "other")
+    np.testing.assert_allclose(_logits(both), first, rtol=0, atol=1e-6)
+    both.set_adapter("other")
+    np.testing.assert_allclose(_logits(both), second, rtol=0, atol=1e-6)
+
+    model.delete_adapter("other")
+    assert model.active_adapters == ["default"] and list(model.peft_configs) == ["default"]
+    np.testing.assert_array_equal(_logits(model), first)
 
 
 def _run_meshes(path: str, out: str) -> None:

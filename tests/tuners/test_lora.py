@@ -56,8 +56,9 @@ def _copy_from_torch(pm, ours):
     for name, mod in pm.base_model.model.named_modules():
         if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
             layer = get_submodule(ours.base_model, name)
-            layer.lora_A[...] = jnp.asarray(mod.lora_A["default"].weight.detach().numpy().T)
-            layer.lora_B[...] = jnp.asarray(mod.lora_B["default"].weight.detach().numpy().T)
+            f = layer.lora["default"]
+            f.lora_A[...] = jnp.asarray(mod.lora_A["default"].weight.detach().numpy().T)
+            f.lora_B[...] = jnp.asarray(mod.lora_B["default"].weight.detach().numpy().T)
             n += 1
     return n
 
@@ -91,7 +92,8 @@ def test_same_layers_rank_scaling_counts_and_outputs_as_peft(tiny_dir, name):
     ours = get_peft_model(from_pretrained(path, progress=False), LoraConfig(**cfg),
                           rngs=nnx.Rngs(0))
     theirs = _torch_lora_layers(pm)
-    mine = {n: (m.r, m.scaling) for n, m in ours.lora_layers()}
+    mine = {n: (m.lora["default"].r, m.lora["default"].scaling)
+            for n, m in ours.lora_layers()}
     assert sorted(mine) == sorted(theirs)
     for n in mine:
         assert mine[n][0] == theirs[n][0] and mine[n][1] == pytest.approx(theirs[n][1], rel=1e-12)
@@ -134,8 +136,8 @@ def test_identity_right_after_injection(tiny_dir, arch):
                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init,
                                           lora_dropout=0.1), rngs=nnx.Rngs(1))
         layer = model.lora_layers()[0][1]
-        a = np.asarray(layer.lora_A[...])
-        assert np.abs(a).max() > 0 and not np.asarray(layer.lora_B[...]).any()
+        a = np.asarray(layer.lora["default"].lora_A[...])
+        assert np.abs(a).max() > 0 and not np.asarray(layer.lora["default"].lora_B[...]).any()
         if init is True:  # kaiming-uniform(a=sqrt(5)) on [r, in] has bound 1/sqrt(in)
             assert np.abs(a).max() <= 1 / np.sqrt(layer.in_features)
         np.testing.assert_array_equal(_ours_logits(model, arch, ids, mask), before)
@@ -206,7 +208,8 @@ def test_lora_dropout_only_with_a_dropout_key(tiny_dir):
     assert np.abs(b - c).max() > 1e-3             # another key, another mask
     # only the LoRA input is dropped: zeroing B removes every difference
     for _, layer in model.lora_layers():
-        layer.lora_B[...] = jnp.zeros_like(layer.lora_B[...])
+        f = layer.lora["default"]
+        f.lora_B[...] = jnp.zeros_like(f.lora_B[...])
     np.testing.assert_allclose(np.asarray(call(ids, mask, jax.random.key(1))),
                                _ours_logits(model, "llama", ids, mask), rtol=0, atol=1e-6)
 

@@ -121,7 +121,7 @@ def test_prompt_is_the_only_trainable_leaf_and_cannot_merge(tiny_dir, tmp_path):
     model = get_peft_model(from_pretrained(path, progress=False),
                            PromptTuningConfig(num_virtual_tokens=V), rngs=nnx.Rngs(0))
     on = [p for p, v in nnx.to_flat_state(model.trainable_mask()) if v]
-    assert on == [("added", "prompt_encoder", "embedding")]
+    assert on == [("adapters", "default", "prompt_encoder", "embedding")]
     assert model.added["prompt_encoder"].embedding[...].shape == (V, 64)
     assert isinstance(model.added["prompt_encoder"].embedding, PromptParam)
     with pytest.raises(TypeError, match="soft prompt is extra input tokens"):

@@ -399,11 +399,11 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
     task = task_of(model)
     from peftjax.quant._io import bnb_quantization_config, bnb_tensors
     from peftjax.quant._linear import QuantizedLinear
-    from peftjax.tuners._lora import is_lora_layer
+    from peftjax.tuners._layer import adapted_layers
     from peftjax.tuners._targets import named_modules
-    adapted = [n for n, m in named_modules(model) if is_lora_layer(m)]
+    adapted = [n for n, _ in adapted_layers(model)]
     if adapted:
-        raise ValueError(f"{len(adapted)} layers carry LoRA adapters (e.g. {adapted[0]}); "
+        raise ValueError(f"{len(adapted)} layers carry adapters (e.g. {adapted[0]}); "
                          "save_pretrained writes plain checkpoints. Save the adapter with "
                          "PeftModel.save_pretrained, or fold it in with merge_and_unload() "
                          "first.")

@@ -24,7 +24,7 @@ from peftjax.models._layers import Linear
 from peftjax.models._safetensors import CheckpointError
 from peftjax.quant._formats import CODES, QuantConfig, QuantState
 from peftjax.quant._linear import QuantizedLinear, quantization_error
-from peftjax.tuners._lora import is_lora_layer
+from peftjax.tuners._layer import AdaptedLayer
 from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
 
 log = logging.getLogger("peftjax")
@@ -237,7 +237,7 @@ def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:
     the dtype the weight had before quantization) and returns the model. Adapted layers are
     left to ``PeftModel.merge_and_unload``."""
     for name, m in list(named_modules(model)):
-        if isinstance(m, QuantizedLinear) and not is_lora_layer(m):
+        if isinstance(m, QuantizedLinear) and not isinstance(m, AdaptedLayer):
             set_submodule(model, name, m.dequantized(dtype))
     return model
 

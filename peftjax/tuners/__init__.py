@@ -3,6 +3,7 @@ registered in ``_base`` and driven by the method-agnostic ``PeftModel`` and adap
 
 from peftjax.tuners._adaption_prompt import AdaptionParam, AdaptionPromptConfig
 from peftjax.tuners._base import AdapterParam, TunerConfig, register, registered
+from peftjax.tuners._ia3 import IA3Config, IA3Param
 from peftjax.tuners._io import adapter_tensors, load_adapter, read_config, save_adapter
 from peftjax.tuners._lora import (
            DEFAULT_LORA_TARGETS,
@@ -16,7 +17,8 @@ from peftjax.tuners._prompt import PromptParam, PromptTuningConfig, prompt_bank
 from peftjax.tuners._targets import find_targets, is_target
 
 __all__ = ["DEFAULT_LORA_TARGETS", "AdaptionParam", "AdaptionPromptConfig", "AdapterParam",
-           "LoraConfig", "LoraParam", "PeftModel", "PrefixParam", "PrefixTuningConfig",
-           "PromptParam", "PromptTuningConfig", "TunerConfig", "adapter_tensors",
-           "count_parameters", "find_targets", "get_peft_model", "is_lora_layer", "is_target",
-           "load_adapter", "prompt_bank", "read_config", "register", "registered", "save_adapter"]
+           "IA3Config", "IA3Param", "LoraConfig", "LoraParam", "PeftModel", "PrefixParam",
+           "PrefixTuningConfig", "PromptParam", "PromptTuningConfig", "TunerConfig",
+           "adapter_tensors", "count_parameters", "find_targets", "get_peft_model", "is_lora_layer",
+           "is_target", "load_adapter", "prompt_bank", "read_config", "register", "registered",
+           "save_adapter"]

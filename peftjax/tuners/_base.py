@@ -54,6 +54,15 @@ def as_tuple(v):
     return tuple(v) if isinstance(v, (list, tuple, set)) else v
 
 
+def in_modules(path: tuple, var: nnx.Variable, modules) -> bool:
+    """Whether ``var`` at state ``path`` is a base-model weight inside one of ``modules``
+    (dotted module names, matched wherever they occur: ``modules_to_save``)."""
+    if not isinstance(var, nnx.Param) or path[0] != "base_model":
+        return False
+    name = ".".join(map(str, path[1:-1]))
+    return any(f".{m}." in f".{name}." for m in modules or ())
+
+
 @dataclasses.dataclass(frozen=True)
 class TunerConfig:
     """Base of every method's config (see the module docstring for the hooks)."""
@@ -122,6 +131,8 @@ class TunerConfig:
     @classmethod
     def from_peft_dict(cls, data: dict, path: str) -> TunerConfig:
         import warnings
+        if isinstance(data.get("modules_to_save"), list):  # PEFT appends head names, repeated
+            data = {**data, "modules_to_save": list(dict.fromkeys(data["modules_to_save"]))}
         fields = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - fields - cls.harmless_fields)
         if unknown:

@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models._layers import Linear, dropout, fold, param_value
+from peftjax.models._layers import Linear, dropout, param_value
+from peftjax.models._layers import fold as fold_key
 from peftjax.tuners._base import (PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple,
-                                  register)
-from peftjax.tuners._targets import (find_targets, get_submodule, named_modules, pattern_key,
-                                     set_submodule)
+                                  in_modules, register)
+from peftjax.tuners._layer import AdaptedLayer, LayerMethod, adapted_class, adapted_layers, wrap
+from peftjax.tuners._targets import find_targets, get_submodule, pattern_key
 
 BIAS_MODES = ("none", "all", "lora_only")
 # PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -61,195 +62,6 @@ def lora_dropout_rng(rng: jax.Array | None):
 
 class LoraParam(AdapterParam):
     """A LoRA factor."""
-
-
-@register
-@dataclasses.dataclass(frozen=True)
-class LoraConfig(TunerConfig):
-    """LoRA settings, with the names, defaults and meaning of PEFT's ``LoraConfig``.
-
-    ``target_modules``: list of names (a module matches if its name equals an entry or ends in
-    ``"." + entry``), a regex over full names, ``"all-linear"``, or None for the architecture's
-    PEFT default. ``rank_pattern`` / ``alpha_pattern`` map a regex on a name suffix to r / alpha.
-    ``bias``: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
-    layers train). ``init_lora_weights``: True (A kaiming-uniform, B zero), ``"gaussian"``
-    (A ~ N(0, 1/r), B zero) or False (both random: the adapter changes outputs at once).
-    """
-
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: Any = None
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    rank_pattern: dict = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict = dataclasses.field(default_factory=dict)
-    use_rslora: bool = False
-    modules_to_save: Any = None
-    bias: str = "none"
-    init_lora_weights: Any = True
-    task_type: str | None = None
-    fan_in_fan_out: bool = False
-    base_model_name_or_path: str | None = None
-
-    method = "lora"
-    peft_type = "LORA"
-    mergeable = True
-    combinable = True
-    harmless_fields = TunerConfig.harmless_fields | {
-        "loftq_config", "eva_config", "corda_config", "megatron_core", "qalora_group_size",
-        "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
-        "monteclora_config", "velora_config", "runtime_config"}
-
-    def __post_init__(self):
-        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                     "modules_to_save"):
-            object.__setattr__(self, name, as_tuple(getattr(self, name)))
-        problems = []
-        if not isinstance(self.r, int) or self.r <= 0:
-            problems.append(f"r={self.r!r} must be a positive integer")
-        if not self.lora_alpha > 0:
-            problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            problems.append(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if self.bias not in BIAS_MODES:
-            problems.append(f"bias={self.bias!r} must be one of {BIAS_MODES}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False or "
-                            "'gaussian' (other PEFT initialisations are not implemented)")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
-        for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
-                problems.append(f"rank_pattern[{key!r}]={r!r} must be a positive integer")
-        for key, a in self.alpha_pattern.items():
-            if not a > 0:
-                problems.append(f"alpha_pattern[{key!r}]={a!r} must be > 0")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            problems.append("layers_pattern only applies together with layers_to_transform")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            problems.append("layers_to_transform cannot be combined with a regex target_modules "
-                            "(as in PEFT); put the layer indices into the regex")
-        if problems:
-            raise ValueError("invalid LoraConfig: " + "; ".join(problems) + ".")
-
-    def rank_alpha(self, name: str) -> tuple[int, float]:
-        rk = pattern_key(list(self.rank_pattern), name)
-        ak = pattern_key(list(self.alpha_pattern), name)
-        return (self.rank_pattern[rk] if rk is not None else self.r,
-                self.alpha_pattern[ak] if ak is not None else self.lora_alpha)
-
-    def scaling(self, r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    # ------------------------------------------------------------------------ tuner hooks
-    def inject(self, model, *, rngs: nnx.Rngs, adapter_name: str = "default") -> dict:
-        """Gives every targeted linear layer factors named ``adapter_name`` (wrapping it in its
-        LoRA class first, in place). ``target_modules`` None means PEFT's per-architecture
-        default; no match raises, listing the names."""
-        config = self
-        if config.target_modules is None:
-            model_type = model.config.model_type
-            if model_type not in DEFAULT_LORA_TARGETS:
-                raise ValueError(f"no default target_modules for model_type={model_type!r}; pass "
-                                 "target_modules explicitly.")
-            config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
-        for site, name in enumerate(find_targets(model, config)):
-            layer = get_submodule(model, name)
-            if not is_lora_layer(layer):
-                layer = lora_class(type(layer))(layer)
-                set_submodule(model, name, layer)
-            r, alpha = config.rank_alpha(name)
-            layer.lora[adapter_name] = LoraFactors(
-                layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
-                init=config.init_lora_weights, site=site, rngs=rngs)
-        return {}
-
-    def activate(self, peft_model, names: tuple) -> None:
-        for _, layer in lora_layers(peft_model.base_model):
-            layer.set_active(names)
-
-    def remove(self, peft_model, adapter_name: str) -> None:
-        """Deletes the adapter's factors; layers left without adapters become plain again."""
-        base = peft_model.base_model
-        for name, layer in lora_layers(base):
-            if adapter_name in layer.lora:
-                layer.delete_adapter(adapter_name)
-                if not len(layer.lora):
-                    set_submodule(base, name, layer.unloaded())
-
-    def call(self, peft_model, args, kwargs):
-        with lora_dropout_rng(fold(kwargs.get("dropout_rng"), -100)):
-            return peft_model.base_model(*args, **kwargs)
-
-    def trains(self, path, var, peft_model) -> bool:
-        """``modules_to_save`` parameters; biases as ``bias`` says (``all``: every bias;
-        ``lora_only``: biases of adapted layers)."""
-        if not isinstance(var, nnx.Param) or path[0] != "base_model":
-            return False
-        name = ".".join(map(str, path[1:-1]))
-        if any(f".{m}." in f".{name}." for m in self.modules_to_save or ()):
-            return True  # the module or anything inside it
-        if path[-1] == "bias":
-            if self.bias == "all":
-                return True
-            layer = get_submodule(peft_model.base_model, name)
-            return (self.bias == "lora_only" and is_lora_layer(layer)
-                    and peft_model.active_adapter in layer.lora)
-        return False
-
-    def peft_entries(self, peft_model) -> dict:
-        """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,
-        trained biases of adapted layers as ``<module>.base_layer.bias`` (PEFT's wrapper level),
-        other trained parameters under their Hugging Face names."""
-        adapter = peft_model.active_adapter
-        lora = {n: m.lora[adapter] for n, m in lora_layers(peft_model.base_model)
-                if adapter in m.lora}
-        out = {}
-        for name, f in lora.items():
-            out[f"{PREFIX}{name}.lora_A.weight"] = (f.lora_A, True)
-            out[f"{PREFIX}{name}.lora_B.weight"] = (f.lora_B, True)
-        out.update(peft_model.trained_base_entries(
-            rename=lambda owner, key: f"{owner}.base_layer.bias"
-            if owner in lora and key.endswith(".bias") else key))
-        return out
-
-    def unload(self, peft_model):
-        base = peft_model.base_model
-        for name, layer in lora_layers(base):
-            set_submodule(base, name, layer.unloaded())
-        return base
-
-    def merge_and_unload(self, peft_model, dtype=None):
-        """Merges the active adapters (the others are dropped). A 4-bit layer with an active
-        adapter becomes a float ``Linear`` holding dequantized base + adapter (in ``dtype``,
-        default the weight's original dtype), as PEFT does for bitsandbytes layers; other
-        4-bit layers stay 4-bit."""
-        base = peft_model.base_model
-        for name, layer in lora_layers(base):
-            if layer.quantized and layer.active:
-                set_submodule(base, name, layer.merged_float(dtype))
-            else:
-                layer.merge()
-        return self.unload(peft_model)
-
-    def to_peft_dict(self) -> dict:
-        return {**super().to_peft_dict(), "use_dora": False, "lora_bias": False,
-                "layer_replication": None}
-
-    @classmethod
-    def from_peft_dict(cls, data: dict, path: str) -> LoraConfig:
-        bad = {k: data[k] for k, ok in _MUST_BE.items() if k in data and data[k] not in ok}
-        if bad:
-            raise ValueError(f"{path}: uses PEFT features that change the adapter's math and "
-                             f"are not implemented here: {bad}.")
-        data = {k: v for k, v in data.items() if k not in _MUST_BE}
-        if data.get("init_lora_weights") not in (True, False, "gaussian"):
-            data["init_lora_weights"] = True  # only initial values differ; weights are loaded
-        if isinstance(data.get("modules_to_save"), list):  # PEFT appends head names, repeated
-            data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
-        return super().from_peft_dict(data, path)
 
 
 @functools.cache
@@ -330,36 +142,11 @@ class LoraFactors(nnx.Module):
         return (param_value(self.lora_A) @ param_value(self.lora_B)) * self.scaling
 
 
-class LoraMixin:
-    """Adds named LoRA adapters to a linear layer class (see the module doc): ``lora[name]``
-    holds each adapter's factors, ``active`` the names the forward pass adds (a static
-    attribute: changing it recompiles), ``merged`` those folded into ``kernel``."""
+class LoraMixin(AdaptedLayer):
+    """Named LoRA adapters on a linear layer (see the module doc): ``lora[name]`` holds each
+    adapter's factors."""
 
-    base_cls: type  # the adapted layer class, set by lora_class
-
-    def __init__(self, base: Linear):
-        # take over the base layer's attributes (its weights stay where they were, so base
-        # checkpoints load unchanged); a 4-bit base brings its packed storage along
-        self._base_attrs = tuple(k for k in vars(base) if not k.startswith("_"))
-        for k in self._base_attrs:
-            setattr(self, k, getattr(base, k))
-        self.lora = nnx.Dict()
-        self.active: tuple[str, ...] = ()
-        self.merged: tuple[str, ...] = ()
-
-    def add_adapter(self, name: str, **factors) -> None:
-        """Adds adapter ``name`` (``LoraFactors`` arguments) and makes it active here."""
-        self.lora[name] = LoraFactors(self, **factors)
-        self.active = self.active + (name,)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it first")
-        del self.lora[name]
-        self.active = tuple(n for n in self.active if n != name)
-
-    def set_active(self, names) -> None:
-        self.active = tuple(n for n in names if n in self.lora)
+    store = "lora"
 
     def delta_IxO(self, names=None) -> jax.Array:
         """The summed change ``scaling * A B`` of adapters ``names`` (default: the active ones)."""
@@ -369,59 +156,24 @@ class LoraMixin:
             out = out + self.lora[n].delta_IxO().astype(jnp.float32)
         return out
 
+    def fold(self, kernel_IxO, bias_O, names):
+        return kernel_IxO + self.delta_IxO(names), bias_O
+
+    def unfold(self, kernel_IxO, bias_O, names):
+        return kernel_IxO - self.delta_IxO(names), bias_O
+
     def __call__(self, x):
         y = super().__call__(x)
-        for name in self.active:
-            if name in self.merged:
-                continue
-            f = self.lora[name]
-            h = dropout(x, f.dropout_rate, fold(_DROPOUT_RNG.get(), f.site))
+        for f in self.applied():
+            h = dropout(x, f.dropout_rate, fold_key(_DROPOUT_RNG.get(), f.site))
             y = y + _lora_delta(f.scaling, jnp.dtype(self.dtype))(
                 h, param_value(f.lora_A), param_value(f.lora_B))
         return y
 
-    def merge(self, names=None) -> None:
-        """Adds adapters ``names`` (default: the active ones) into ``kernel``."""
-        if self.quantized:
-            raise TypeError(
-                "cannot merge LoRA into a 4-bit weight in place: merging needs the float weight. "
-                "Use PeftModel.merge_and_unload() (it dequantizes the adapted layers) and, to "
-                "store 4 bits again, peftjax.quant.quantize_model (it reports the error).")
-        todo = [n for n in (self.active if names is None else names) if n not in self.merged]
-        if todo:
-            k = param_value(self.kernel)
-            self.kernel[...] = (k.astype(jnp.float32) + self.delta_IxO(todo)).astype(k.dtype)
-            self.merged = self.merged + tuple(todo)
 
-    def unmerge(self) -> None:
-        if self.merged:
-            k = param_value(self.kernel)
-            self.kernel[...] = (k.astype(jnp.float32) - self.delta_IxO(self.merged)).astype(k.dtype)
-            self.merged = ()
-
-    def unloaded(self) -> Linear:
-        """The plain base-class layer holding this layer's (possibly merged) weights."""
-        plain = nnx.eval_shape(lambda: self.base_cls(**self.rebuild_kwargs(), rngs=nnx.Rngs(0)))
-        for k in self._base_attrs:
-            setattr(plain, k, getattr(self, k))
-        return plain
-
-    def merged_float(self, dtype=None) -> Linear:
-        """For a 4-bit base: a float ``Linear`` holding dequantized base + the active adapters,
-        summed in float32 and rounded once to ``dtype`` (default: the weight's original dtype)."""
-        if not self.quantized:
-            raise TypeError("merged_float is for 4-bit layers; merge() a float layer in place")
-        plain = self.unloaded().dequantized(jnp.float32)
-        merged = param_value(plain.kernel) + self.delta_IxO()
-        plain.kernel = nnx.Param(merged.astype(dtype or self.weight_dtype),
-                                 **plain.kernel.get_metadata())
-        return plain
-
-
-@functools.cache
 def lora_class(base_cls: type) -> type:
     """``LoraLinear`` for ``Linear``, ``LoraConv1D`` for ``Conv1D``: same HF names as the base."""
-    return type(f"Lora{base_cls.__name__}", (LoraMixin, base_cls), {"base_cls": base_cls})
+    return adapted_class(LoraMixin, base_cls)
 
 
 def is_lora_layer(module) -> bool:
@@ -430,4 +182,152 @@ def is_lora_layer(module) -> bool:
 
 def lora_layers(model) -> list:
     """``[(name, layer)]`` of the LoRA layers in ``model``."""
-    return [(n, m) for n, m in named_modules(model) if is_lora_layer(m)]
+    return adapted_layers(model, LoraMixin)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(LayerMethod, TunerConfig):
+    """LoRA settings, with the names, defaults and meaning of PEFT's ``LoraConfig``.
+
+    ``target_modules``: list of names (a module matches if its name equals an entry or ends in
+    ``"." + entry``), a regex over full names, ``"all-linear"``, or None for the architecture's
+    PEFT default. ``rank_pattern`` / ``alpha_pattern`` map a regex on a name suffix to r / alpha.
+    ``bias``: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
+    layers train). ``init_lora_weights``: True (A kaiming-uniform, B zero), ``"gaussian"``
+    (A ~ N(0, 1/r), B zero) or False (both random: the adapter changes outputs at once).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Any = None
+    exclude_modules: Any = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False
+    modules_to_save: Any = None
+    bias: str = "none"
+    init_lora_weights: Any = True
+    task_type: str | None = None
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+
+    method = "lora"
+    peft_type = "LORA"
+    layer_mixin = LoraMixin
+    harmless_fields = TunerConfig.harmless_fields | {
+        "loftq_config", "eva_config", "corda_config", "megatron_core", "qalora_group_size",
+        "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
+        "monteclora_config", "velora_config", "runtime_config"}
+
+    def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                     "modules_to_save"):
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
+        problems = []
+        if not isinstance(self.r, int) or self.r <= 0:
+            problems.append(f"r={self.r!r} must be a positive integer")
+        if not self.lora_alpha > 0:
+            problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.bias not in BIAS_MODES:
+            problems.append(f"bias={self.bias!r} must be one of {BIAS_MODES}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False or "
+                            "'gaussian' (other PEFT initialisations are not implemented)")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                problems.append(f"rank_pattern[{key!r}]={r!r} must be a positive integer")
+        for key, a in self.alpha_pattern.items():
+            if not a > 0:
+                problems.append(f"alpha_pattern[{key!r}]={a!r} must be > 0")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            problems.append("layers_pattern only applies together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            problems.append("layers_to_transform cannot be combined with a regex target_modules "
+                            "(as in PEFT); put the layer indices into the regex")
+        if problems:
+            raise ValueError("invalid LoraConfig: " + "; ".join(problems) + ".")
+
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        rk = pattern_key(list(self.rank_pattern), name)
+        ak = pattern_key(list(self.alpha_pattern), name)
+        return (self.rank_pattern[rk] if rk is not None else self.r,
+                self.alpha_pattern[ak] if ak is not None else self.lora_alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # ------------------------------------------------------------------------ tuner hooks
+    def inject(self, model, *, rngs: nnx.Rngs, adapter_name: str = "default") -> dict:
+        """Gives every targeted linear layer factors named ``adapter_name`` (wrapping it in its
+        LoRA class first, in place). ``target_modules`` None means PEFT's per-architecture
+        default; no match raises, listing the names."""
+        config = self
+        if config.target_modules is None:
+            model_type = model.config.model_type
+            if model_type not in DEFAULT_LORA_TARGETS:
+                raise ValueError(f"no default target_modules for model_type={model_type!r}; pass "
+                                 "target_modules explicitly.")
+            config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
+        for site, name in enumerate(find_targets(model, config)):
+            layer = wrap(model, name, get_submodule(model, name), LoraMixin)
+            r, alpha = config.rank_alpha(name)
+            layer.lora[adapter_name] = LoraFactors(
+                layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
+                init=config.init_lora_weights, site=site, rngs=rngs)
+        return {}
+
+    def call(self, peft_model, args, kwargs):
+        with lora_dropout_rng(fold_key(kwargs.get("dropout_rng"), -100)):
+            return peft_model.base_model(*args, **kwargs)
+
+    def trains(self, path, var, peft_model) -> bool:
+        """``modules_to_save`` parameters; biases as ``bias`` says (``all``: every bias;
+        ``lora_only``: biases of adapted layers)."""
+        if in_modules(path, var, self.modules_to_save):
+            return True
+        if not isinstance(var, nnx.Param) or path[0] != "base_model" or path[-1] != "bias":
+            return False
+        if self.bias == "all":
+            return True
+        layer = get_submodule(peft_model.base_model, ".".join(map(str, path[1:-1])))
+        return (self.bias == "lora_only" and is_lora_layer(layer)
+                and peft_model.active_adapter in layer.lora)
+
+    def peft_entries(self, peft_model) -> dict:
+        """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,
+        trained biases of adapted layers as ``<module>.base_layer.bias`` (PEFT's wrapper level),
+        other trained parameters under their Hugging Face names."""
+        adapter = peft_model.active_adapter
+        lora = {n: m.lora[adapter] for n, m in lora_layers(peft_model.base_model)
+                if adapter in m.lora}
+        out = {}
+        for name, f in lora.items():
+            out[f"{PREFIX}{name}.lora_A.weight"] = (f.lora_A, True)
+            out[f"{PREFIX}{name}.lora_B.weight"] = (f.lora_B, True)
+        out.update(peft_model.trained_base_entries(
+            rename=lambda owner, key: f"{owner}.base_layer.bias"
+            if owner in lora and key.endswith(".bias") else key))
+        return out
+
+    def to_peft_dict(self) -> dict:
+        return {**super().to_peft_dict(), "use_dora": False, "lora_bias": False,
+                "layer_replication": None}
+
+    @classmethod
+    def from_peft_dict(cls, data: dict, path: str) -> LoraConfig:
+        bad = {k: data[k] for k, ok in _MUST_BE.items() if k in data and data[k] not in ok}
+        if bad:
+            raise ValueError(f"{path}: uses PEFT features that change the adapter's math and "
+                             f"are not implemented here: {bad}.")
+        data = {k: v for k, v in data.items() if k not in _MUST_BE}
+        if data.get("init_lora_weights") not in (True, False, "gaussian"):
+            data["init_lora_weights"] = True  # only initial values differ; weights are loaded
+        return super().from_peft_dict(data, path)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from peftjax.models._loading import hf_param_paths
 from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig
+from peftjax.tuners._layer import adapted_layers
 from peftjax.tuners._lora import lora_layers
 
 
@@ -157,7 +158,7 @@ class PeftModel(nnx.Module):
         self.peft_config.activate(self, names)
 
     def _refuse_merged(self, what: str) -> None:
-        merged = [n for n, layer in self.lora_layers() if layer.merged]
+        merged = [n for n, layer in adapted_layers(self.base_model) if layer.merged]
         if merged:
             raise RuntimeError(f"adapters are merged into {len(merged)} layers (e.g. "
                                f"{merged[0]}); unmerge_adapter() before {what}")
@@ -301,11 +302,11 @@ class PeftModel(nnx.Module):
         """Adds the active adapters into their base weights (outputs unchanged; inference is
         faster)."""
         self._check_mergeable()
-        for _, layer in self.lora_layers():
+        for _, layer in adapted_layers(self.base_model):
             layer.merge()
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.lora_layers():
+        for _, layer in adapted_layers(self.base_model):
             layer.unmerge()
 
     def merge_and_unload(self, dtype=None) -> nnx.Module:

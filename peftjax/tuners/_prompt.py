@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.tuners._base import TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
+from peftjax.tuners._base import (TASK_TYPES, AdapterParam, TunerConfig, as_tuple, in_modules,
+                                  register)
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 HEAD_NAMES = ("classifier", "score")  # PEFT's cls_layer_names for SEQ_CLS
@@ -87,21 +88,12 @@ class PromptLearning(TunerConfig):
         return tuple(dict.fromkeys((self.modules_to_save or ()) + extra))
 
     def trains(self, path, var, peft_model) -> bool:
-        if not isinstance(var, nnx.Param) or path[0] != "base_model":
-            return False
-        name = ".".join(map(str, path[1:-1]))
-        return any(f".{m}." in f".{name}." for m in self._trained_modules())
+        return in_modules(path, var, self._trained_modules())
 
     def head_entries(self, peft_model) -> dict:
         return {"base_model." + key.removeprefix("base_model.model."): entry
                 for key, entry in peft_model.trained_base_entries().items()}
 
-    @classmethod
-    def from_peft_dict(cls, data: dict, path: str):
-        data = dict(data)
-        if isinstance(data.get("modules_to_save"), list):  # PEFT appends head names, repeated
-            data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
-        return super().from_peft_dict(data, path)
 
 
 def _concrete(x, fallback) -> np.ndarray:

@@ -80,13 +80,15 @@ def find_targets(model: nnx.Module, config) -> list[str]:
         targets = [n for n in linears if n.split(".")[0] not in HEAD_NAMES]
     found = [n for n in linears if is_target(
         n, target_modules=targets, exclude_modules=config.exclude_modules,
-        modules_to_save=config.modules_to_save, layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern)]
+        modules_to_save=config.modules_to_save,
+        layers_to_transform=getattr(config, "layers_to_transform", None),
+        layers_pattern=getattr(config, "layers_pattern", None))]
     if not found:
         suffixes = sorted({n.split(".")[-1] for n in linears})
         raise ValueError(
             f"target_modules={config.target_modules!r} (layers_to_transform="
-            f"{config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r}) matches no "
+            f"{getattr(config, 'layers_to_transform', None)!r}, exclude_modules="
+            f"{config.exclude_modules!r}) matches no "
             f"linear layer of {type(model).__name__}. Its linear layers are named {suffixes} "
             f"(e.g. {linears[0] if linears else 'none'}); use those names, a regex matching full "
             "names, or 'all-linear'.")

@@ -171,6 +171,26 @@ def tensorboard_scalars(directory, tag):
     return values
 
 
+def merge_command_against_peft(model_dir: str, adapter: str, out: str) -> tuple[float, float]:
+    """``peftjax merge`` of ``adapter`` into ``out``; returns how far PEFT's adapted model moved
+    from the base and how far the merged checkpoint is from PEFT's adapted model (max logit
+    difference, transformers + PEFT on two sentences)."""
+    cli("merge", "--model", model_dir, "--adapter", adapter, "--out", out, check=0)
+    import torch
+    import transformers as T
+    from peft import PeftModel
+    tok = T.AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(["a fine film", "a dull mess of a movie"], padding=True, return_tensors="pt")
+    load = T.AutoModelForSequenceClassification.from_pretrained
+    merged, base = load(out).eval(), load(model_dir).eval()
+    with torch.no_grad():
+        base_logits = base(**enc).logits
+        ref = PeftModel.from_pretrained(base, adapter).eval()
+        want = ref(**enc).logits
+        return ((want - base_logits).abs().max().item(),
+                (merged(**enc).logits - want).abs().max().item())
+
+
 def test_eval_export_merge_commands(tiny_bert, tmp_path):
     cfg, out = write_config(tmp_path, tiny_bert, "full", train={"steps": 4, "save_every": 2})
     cli("train", cfg, check=0)
@@ -186,19 +206,23 @@ def test_eval_export_merge_commands(tiny_bert, tmp_path):
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == result["accuracy"]
     cli("export", cfg, "--out", str(tmp_path / "exported"), "--step", "2", check=0)
     assert os.path.isfile(tmp_path / "exported" / "adapter_model.safetensors")
-    cli("merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),
-        "--out", str(tmp_path / "merged"), check=0)
-    import torch
-    import transformers as T
-    from peft import PeftModel
-    tok = T.AutoTokenizer.from_pretrained(tiny_bert)
-    enc = tok(["a fine film", "a dull mess of a movie"], padding=True, return_tensors="pt")
-    merged = T.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
-    base = T.AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
-    ref = PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
-    with torch.no_grad():
-        diff = (merged(**enc).logits - ref(**enc).logits).abs().max().item()
-    assert diff < 1e-5, diff
+    moved, diff = merge_command_against_peft(tiny_bert, os.path.join(out, "adapter"),
+                                             str(tmp_path / "merged"))
+    assert moved > 1e-4 and diff < 1e-5, (moved, diff)
+
+
+def test_ia3_from_yaml_and_merge_command(tiny_bert, tmp_path):
+    """``peft.method: ia3`` (PEFT's default targets for BERT) through train and ``peftjax merge``:
+    the merged checkpoint gives PEFT's logits for the adapter (transformers + PEFT)."""
+    cfg, out = write_config(tmp_path, tiny_bert, "ia3", train={"steps": 4, "save_every": 2})
+    raw = yaml.safe_load(open(cfg))
+    raw["peft"] = {"method": "ia3", "modules_to_save": ["classifier"]}
+    open(cfg, "w").write(yaml.safe_dump(raw))
+    proc = cli("train", cfg, check=0)
+    assert "(ia3)" in proc.stdout, proc.stdout
+    moved, diff = merge_command_against_peft(tiny_bert, os.path.join(out, "adapter"),
+                                             str(tmp_path / "merged"))
+    assert moved > 1e-4 and diff < 1e-5, (moved, diff)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])

@@ -18,7 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
-from peftjax import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig,
+from peftjax import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig,
                      PromptTuningConfig, get_peft_model)
 from peftjax.models import from_pretrained
 from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, set_remat, split_model
@@ -33,6 +33,7 @@ CONTRACT = {
                                          encoder_hidden_size=16), False),
     # zero gates at init: the gates are all that gets a gradient in the first step
     "adaption_prompt": (AdaptionPromptConfig(adapter_len=3, adapter_layers=2), True),
+    "ia3": (IA3Config(), True),  # PEFT's default targets; vectors start at one
 }
 IDS, MASK = batch(lengths=(12, 9, 7, 12, 10, 5, 12, 8), seed=1)
 DATA = {"input_ids": IDS, "attention_mask": MASK, "labels": np.where(MASK == 1, IDS, -100)}
@@ -107,9 +108,14 @@ def test_remat_full_equals_none(tiny_dir, method):
         losses, trainable, _, _ = _train(model, steps=2, remat=remat,
                                          optimizer=optax.sgd(0.5, momentum=0.9))
         runs.append((losses, jax.tree.leaves(trainable)))
-    assert np.allclose(runs[0][0], runs[1][0], rtol=0, atol=1e-6)
+    # float32 rounding of the recomputed forward, relative to the values' size
+    leaf_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                    for a, b in zip(runs[0][1], runs[1][1]))
+    print(f"{method}: remat full vs none: losses {runs[0][0]} / {runs[1][0]}, "
+          f"largest leaf difference {leaf_diff:.1e}")
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(runs[0][1], runs[1][1]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 def _randomize(model, adapter: str, seed: int) -> None:

@@ -1,0 +1,179 @@
+"""What the methods that adapt linear layers share (LoRA, (IA)³, ...): the adapted layer class
+and the tuner hooks that only walk those layers.
+
+An adapted layer subclasses the layer it adapts (``LoraLinear`` is a ``Linear``, ``IA3Conv1D``
+a ``Conv1D``) and takes over its attributes, so the base weights stay where they were and base
+checkpoints load into an adapted model unchanged. It holds one module per named adapter in a
+``nnx.Dict`` (``layer.lora[name]``, ``layer.ia3[name]``), the names the forward pass applies
+(``active``, static: changing it recompiles) and those folded into the weights (``merged``).
+A method supplies its per-adapter module, its ``__call__`` and how adapters fold into the
+weights (``fold`` / ``unfold``); merging, unmerging, dequantize-and-merge for 4-bit bases and
+unloading are here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models._layers import Linear, param_value
+from peftjax.tuners._targets import named_modules, set_submodule
+
+
+class AdaptedLayer:
+    """Mixin in front of a linear layer class (see the module doc)."""
+
+    base_cls: type      # the adapted layer class, set by adapted_class
+    store: ClassVar[str]  # attribute holding the per-adapter modules
+
+    def __init__(self, base: Linear):
+        self._base_attrs = tuple(k for k in vars(base) if not k.startswith("_"))
+        for k in self._base_attrs:
+            setattr(self, k, getattr(base, k))
+        setattr(self, self.store, nnx.Dict())
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+
+    @property
+    def adapters(self) -> nnx.Dict:
+        return getattr(self, self.store)
+
+    def applied(self) -> list:
+        """The per-adapter modules the forward pass applies (active, not merged)."""
+        return [self.adapters[n] for n in self.active if n not in self.merged]
+
+    def set_active(self, names) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it first")
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    # --------------------------------------------------------- folding into the weights
+    def fold(self, kernel_IxO: jax.Array, bias_O, names) -> tuple:
+        """``(kernel, bias)`` (float32) with adapters ``names`` folded in."""
+        raise NotImplementedError
+
+    def unfold(self, kernel_IxO: jax.Array, bias_O, names) -> tuple:
+        """The inverse of :meth:`fold`."""
+        raise NotImplementedError
+
+    def _write(self, fn, names) -> None:
+        k = param_value(self.kernel)
+        b = None if self.bias is None else param_value(self.bias)
+        new_k, new_b = fn(k.astype(jnp.float32), None if b is None else b.astype(jnp.float32),
+                          names)
+        self.kernel[...] = new_k.astype(k.dtype)
+        if b is not None:
+            self.bias[...] = new_b.astype(b.dtype)
+
+    def merge(self, names=None) -> None:
+        """Folds adapters ``names`` (default: the active ones) into the weights."""
+        if self.quantized:
+            raise TypeError(
+                "cannot merge an adapter into a 4-bit weight in place: merging needs the float "
+                "weight. Use PeftModel.merge_and_unload() (it dequantizes the adapted layers) "
+                "and, to store 4 bits again, peftjax.quant.quantize_model (it reports the error).")
+        todo = tuple(n for n in (self.active if names is None else names) if n not in self.merged)
+        if todo:
+            self._write(self.fold, todo)
+            self.merged = self.merged + todo
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._write(self.unfold, self.merged[::-1])
+            self.merged = ()
+
+    def unloaded(self) -> Linear:
+        """The plain base-class layer holding this layer's (possibly merged) weights."""
+        plain = nnx.eval_shape(lambda: self.base_cls(**self.rebuild_kwargs(), rngs=nnx.Rngs(0)))
+        for k in self._base_attrs:
+            setattr(plain, k, getattr(self, k))
+        return plain
+
+    def merged_float(self, dtype=None) -> Linear:
+        """For a 4-bit base: a float ``Linear`` holding the dequantized base with the active
+        adapters folded in (float32, rounded once to ``dtype``, default the weight's original
+        dtype)."""
+        if not self.quantized:
+            raise TypeError("merged_float is for 4-bit layers; merge() a float layer in place")
+        plain = self.unloaded().dequantized(jnp.float32)
+        bias = None if plain.bias is None else param_value(plain.bias)
+        kernel, bias = self.fold(param_value(plain.kernel), bias, self.active)
+        dtype = dtype or self.weight_dtype
+        plain.kernel = nnx.Param(kernel.astype(dtype), **plain.kernel.get_metadata())
+        if bias is not None:
+            plain.bias = nnx.Param(bias.astype(dtype), **plain.bias.get_metadata())
+        return plain
+
+
+@functools.cache
+def adapted_class(mixin: type, base_cls: type) -> type:
+    """``LoraLinear`` for (LoraMixin, Linear), ``IA3Conv1D`` for (IA3Mixin, Conv1D), ...: the
+    same Hugging Face names as the base class."""
+    prefix = mixin.__name__.removesuffix("Mixin")
+    return type(f"{prefix}{base_cls.__name__}", (mixin, base_cls), {"base_cls": base_cls})
+
+
+def adapted_layers(model, mixin: type = AdaptedLayer) -> list:
+    """``[(name, layer)]`` of the layers in ``model`` adapted by ``mixin`` (default: any)."""
+    return [(n, m) for n, m in named_modules(model) if isinstance(m, mixin)]
+
+
+def wrap(model, name: str, layer, mixin: type):
+    """The layer ``name`` adapted by ``mixin`` (wrapping it in place the first time)."""
+    if isinstance(layer, mixin):
+        return layer
+    if isinstance(layer, AdaptedLayer):
+        raise ValueError(f"{name} is already adapted by another method "
+                         f"({type(layer).__name__}); one method per model")
+    new = adapted_class(mixin, type(layer))(layer)
+    set_submodule(model, name, new)
+    return new
+
+
+class LayerMethod:
+    """Tuner hooks for methods whose adapters live in adapted layers (mix into the config
+    class before ``TunerConfig``); ``layer_mixin`` is the method's :class:`AdaptedLayer`."""
+
+    layer_mixin: ClassVar[type]
+    mergeable: ClassVar[bool] = True
+    combinable: ClassVar[bool] = True
+
+    def activate(self, peft_model, names: tuple) -> None:
+        for _, layer in adapted_layers(peft_model.base_model, self.layer_mixin):
+            layer.set_active(names)
+
+    def remove(self, peft_model, adapter_name: str) -> None:
+        """Deletes the adapter's modules; layers left without adapters become plain again."""
+        base = peft_model.base_model
+        for name, layer in adapted_layers(base, self.layer_mixin):
+            if adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+                if not len(layer.adapters):
+                    set_submodule(base, name, layer.unloaded())
+
+    def unload(self, peft_model):
+        base = peft_model.base_model
+        for name, layer in adapted_layers(base, self.layer_mixin):
+            set_submodule(base, name, layer.unloaded())
+        return base
+
+    def merge_and_unload(self, peft_model, dtype=None):
+        """Merges the active adapters (the others are dropped). A 4-bit layer with an active
+        adapter becomes a float ``Linear`` holding the dequantized base with the adapter folded
+        in (in ``dtype``, default the weight's original dtype), as PEFT does for bitsandbytes
+        layers; other 4-bit layers stay 4-bit."""
+        base = peft_model.base_model
+        for name, layer in adapted_layers(base, self.layer_mixin):
+            if layer.quantized and layer.active:
+                set_submodule(base, name, layer.merged_float(dtype))
+            else:
+                layer.merge()
+        return self.unload(peft_model)

@@ -42,6 +42,12 @@ class AdaptedLayer:
     def adapters(self) -> nnx.Dict:
         return getattr(self, self.store)
 
+    def base_kernel_IxO(self) -> jax.Array:
+        """The base weight [in, out] in float32 (dequantized for a 4-bit layer)."""
+        if self.quantized:
+            return self.weight_OxI(jnp.float32).T
+        return param_value(self.kernel).astype(jnp.float32)
+
     def applied(self) -> list:
         """The per-adapter modules the forward pass applies (active, not merged)."""
         return [self.adapters[n] for n in self.active if n not in self.merged]
@@ -111,6 +117,14 @@ class AdaptedLayer:
         if bias is not None:
             plain.bias = nnx.Param(bias.astype(dtype), **plain.bias.get_metadata())
         return plain
+
+
+class HostValues:
+    """Values a layer keeps beside its state (e.g. what unmerging needs): a static attribute
+    compared by identity, so keeping values here never changes a compiled function's key."""
+
+    def __init__(self):
+        self.factors: dict = {}
 
 
 @functools.cache

@@ -8,6 +8,14 @@ Dropout follows the models' rule: it is active only while a dropout key is given
 :class:`PeftModel` with ``dropout_rng=``), and each LoRA layer folds its own site into that key.
 The LoRA layer subclasses the layer it adapts and keeps its ``kernel``/``bias`` where they
 were, so base checkpoints load into an adapted model unchanged.
+
+DoRA (Liu et al. 2024, ``use_dora=True``) as PEFT computes it: a magnitude vector ``m`` [out]
+(PEFT's ``lora_magnitude_vector``) starts at the column norms of ``W + s A B`` and the layer
+gives ``(m / n) * (x W + s dropout(x) A B) + b`` with ``n`` the column norms of ``W + s A B``
+treated as a constant in the backward pass (the paper's section 4.3); with dropout active the
+base term uses the dropped input too, as in PEFT. Merging folds ``m / n`` into the weight, so a
+DoRA adapter can be served as plain weights; over a 4-bit base the norms use the dequantized
+weight.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from peftjax.models._layers import Linear, dropout, param_value
 from peftjax.models._layers import fold as fold_key
 from peftjax.tuners._base import (PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple,
                                   in_modules, register)
-from peftjax.tuners._layer import AdaptedLayer, LayerMethod, adapted_class, adapted_layers, wrap
+from peftjax.tuners._layer import (AdaptedLayer, HostValues, LayerMethod, adapted_class,
+                                   adapted_layers, wrap)
 from peftjax.tuners._targets import find_targets, get_submodule, pattern_key
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -39,7 +48,7 @@ DEFAULT_LORA_TARGETS = {
     "roberta": ("query", "value"),
 }
 # PEFT fields that change the adapter's math: loading must refuse values other than these.
-_MUST_BE = {"use_dora": (False, None), "lora_bias": (False, None), "layer_replication": (None,),
+_MUST_BE = {"lora_bias": (False, None), "layer_replication": (None,),
             "target_parameters": (None, []), "trainable_token_indices": (None,),
             "use_qalora": (False, None), "alora_invocation_tokens": (None,),
             "use_bdlora": (None, False), "megatron_config": (None,)}
@@ -116,8 +125,8 @@ class LoraFactors(nnx.Module):
     """One named adapter's factors in one layer: ``lora_A`` [in, r], ``lora_B`` [r, out]."""
 
     def __init__(self, base: Linear, *, r: int, scaling: float, dropout: float, init,
-                 site: int, rngs: nnx.Rngs):
-        self.r, self.scaling = r, float(scaling)
+                 site: int, rngs: nnx.Rngs, dora: bool = False):
+        self.r, self.scaling, self.dora = r, float(scaling), dora
         self.dropout_rate, self.site = float(dropout), site
         in_f, out_f = base.in_features, base.out_features
         pdt = base.weight_dtype
@@ -137,9 +146,22 @@ class LoraFactors(nnx.Module):
         # adapters train in float32 even over bf16 base weights (mixed precision)
         self.lora_A = LoraParam(a_IxR.astype(pdt), axes=(in_axis, "lora_rank"))
         self.lora_B = LoraParam(b_RxO.astype(pdt), axes=("lora_rank", out_axis))
+        if dora:  # DoRA's magnitude: the column norms of the adapted weight at initialisation
+            norms = self.norms_O(base.base_kernel_IxO())
+            self.lora_magnitude_vector = LoraParam(norms.astype(pdt), axes=(out_axis,))
 
     def delta_IxO(self) -> jax.Array:
         return (param_value(self.lora_A) @ param_value(self.lora_B)) * self.scaling
+
+    def norms_O(self, kernel_IxO: jax.Array) -> jax.Array:
+        """Column norms of ``kernel + s A B`` (float32), a constant for autodiff (DoRA)."""
+        w = kernel_IxO.astype(jnp.float32) + self.delta_IxO().astype(jnp.float32)
+        return jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+
+    def dora_scale(self, kernel_IxO: jax.Array) -> jax.Array:
+        """DoRA's ``m / ||W + s A B||`` per output [out] (float32)."""
+        return param_value(self.lora_magnitude_vector).astype(jnp.float32) / self.norms_O(
+            kernel_IxO)
 
 
 class LoraMixin(AdaptedLayer):
@@ -147,6 +169,10 @@ class LoraMixin(AdaptedLayer):
     adapter's factors."""
 
     store = "lora"
+
+    def __init__(self, base: Linear):
+        super().__init__(base)
+        self._dora_merged = HostValues()  # DoRA factors m / ||W + s A B|| at merge time
 
     def delta_IxO(self, names=None) -> jax.Array:
         """The summed change ``scaling * A B`` of adapters ``names`` (default: the active ones)."""
@@ -157,17 +183,40 @@ class LoraMixin(AdaptedLayer):
         return out
 
     def fold(self, kernel_IxO, bias_O, names):
-        return kernel_IxO + self.delta_IxO(names), bias_O
+        for n in names:
+            f = self.lora[n]
+            if f.dora:  # (W + s A B) * m / ||W + s A B||; the factor is kept for unfold
+                scale = f.dora_scale(kernel_IxO)
+                self._dora_merged.factors[n] = scale
+                kernel_IxO = (kernel_IxO + f.delta_IxO()) * scale[None, :]
+            else:
+                kernel_IxO = kernel_IxO + f.delta_IxO().astype(jnp.float32)
+        return kernel_IxO, bias_O
 
     def unfold(self, kernel_IxO, bias_O, names):
-        return kernel_IxO - self.delta_IxO(names), bias_O
+        for n in names:  # in reverse order of folding
+            f = self.lora[n]
+            if f.dora:
+                kernel_IxO = kernel_IxO / self._dora_merged.factors.pop(n)[None, :]
+            kernel_IxO = kernel_IxO - f.delta_IxO().astype(jnp.float32)
+        return kernel_IxO, bias_O
 
     def __call__(self, x):
         y = super().__call__(x)
+        dt = jnp.dtype(self.dtype)
         for f in self.applied():
             h = dropout(x, f.dropout_rate, fold_key(_DROPOUT_RNG.get(), f.site))
-            y = y + _lora_delta(f.scaling, jnp.dtype(self.dtype))(
-                h, param_value(f.lora_A), param_value(f.lora_B))
+            d = _lora_delta(f.scaling, dt)(h, param_value(f.lora_A), param_value(f.lora_B))
+            if not f.dora:
+                y = y + d
+                continue
+            kernel = self.base_kernel_IxO()
+            scale = f.dora_scale(kernel).astype(dt)
+            if h is x:  # no dropout: the base term is what the layer computed, without bias
+                base = y if self.bias is None else y - param_value(self.bias).astype(dt)
+            else:
+                base = jnp.dot(h.astype(dt), kernel.astype(dt))
+            y = y + (scale - 1) * base + scale * d
         return y
 
 
@@ -213,11 +262,18 @@ class LoraConfig(LayerMethod, TunerConfig):
     init_lora_weights: Any = True
     task_type: str | None = None
     fan_in_fan_out: bool = False
+    use_dora: bool = False
     base_model_name_or_path: str | None = None
 
     method = "lora"
     peft_type = "LORA"
     layer_mixin = LoraMixin
+
+    @property
+    def combinable(self) -> bool:
+        """Plain LoRA adapters add up; a DoRA adapter normalises the weight it sees, so its
+        result would depend on the order of the active adapters."""
+        return not self.use_dora
     harmless_fields = TunerConfig.harmless_fields | {
         "loftq_config", "eva_config", "corda_config", "megatron_core", "qalora_group_size",
         "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
@@ -241,6 +297,8 @@ class LoraConfig(LayerMethod, TunerConfig):
                             "'gaussian' (other PEFT initialisations are not implemented)")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora={self.use_dora!r} must be True or False")
         for key, r in self.rank_pattern.items():
             if not isinstance(r, int) or r <= 0:
                 problems.append(f"rank_pattern[{key!r}]={r!r} must be a positive integer")
@@ -281,7 +339,7 @@ class LoraConfig(LayerMethod, TunerConfig):
             r, alpha = config.rank_alpha(name)
             layer.lora[adapter_name] = LoraFactors(
                 layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
-                init=config.init_lora_weights, site=site, rngs=rngs)
+                init=config.init_lora_weights, site=site, dora=config.use_dora, rngs=rngs)
         return {}
 
     def call(self, peft_model, args, kwargs):
@@ -312,14 +370,15 @@ class LoraConfig(LayerMethod, TunerConfig):
         for name, f in lora.items():
             out[f"{PREFIX}{name}.lora_A.weight"] = (f.lora_A, True)
             out[f"{PREFIX}{name}.lora_B.weight"] = (f.lora_B, True)
+            if f.dora:
+                out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f.lora_magnitude_vector, False)
         out.update(peft_model.trained_base_entries(
             rename=lambda owner, key: f"{owner}.base_layer.bias"
             if owner in lora and key.endswith(".bias") else key))
         return out
 
     def to_peft_dict(self) -> dict:
-        return {**super().to_peft_dict(), "use_dora": False, "lora_bias": False,
-                "layer_replication": None}
+        return {**super().to_peft_dict(), "lora_bias": False, "layer_replication": None}
 
     @classmethod
     def from_peft_dict(cls, data: dict, path: str) -> LoraConfig:
@@ -328,6 +387,7 @@ class LoraConfig(LayerMethod, TunerConfig):
             raise ValueError(f"{path}: uses PEFT features that change the adapter's math and "
                              f"are not implemented here: {bad}.")
         data = {k: v for k, v in data.items() if k not in _MUST_BE}
+        data["use_dora"] = bool(data.get("use_dora"))
         if data.get("init_lora_weights") not in (True, False, "gaussian"):
             data["init_lora_weights"] = True  # only initial values differ; weights are loaded
         return super().from_peft_dict(data, path)

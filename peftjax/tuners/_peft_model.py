@@ -139,9 +139,10 @@ class PeftModel(nnx.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names repeated: {list(names)}")
         if len(names) > 1:
-            cfg = known[names[0]]
-            if not cfg.combinable:
-                raise ValueError(f"{cfg.method} adapters cannot be active together; set one")
+            alone = [n for n in names if not known[n].combinable]
+            if alone:
+                raise ValueError(f"{known[alone[0]].method} adapter {alone[0]!r} cannot be active "
+                                 "together with others (see its config's `combinable`); set one")
             trains_base = [n for n in names if self._trained_base_paths(n)]
             if len(trains_base) > 1:
                 raise ValueError(f"adapters {trains_base} each train base weights "

@@ -18,7 +18,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from peftjax import LoraConfig, get_peft_model  # noqa: E402
+from peftjax import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peftjax.models import from_pretrained, save_pretrained  # noqa: E402
 from peftjax.quant import QuantConfig  # noqa: E402
 from peftjax.quant import dequantize_4bit, quantize_4bit  # noqa: E402
@@ -280,3 +280,31 @@ def test_quantize_on_load_reproduces_a_multithreaded_bitsandbytes_offset(tmp_pat
         offsets[threads] = float(m.model.layers[0].mlp.gate_proj.offset[...])
     assert offsets[1] != offsets[2]  # the thread split changes this mean, so the check can fail
     assert offsets[2] == float(bnb_state.offset)
+
+
+def test_dora_over_a_4bit_base_matches_peft_with_bitsandbytes(llama_pair, tmp_path):
+    """A PEFT DoRA adapter on the bitsandbytes 4-bit model (norms of the dequantized weight)
+    loads onto our 4-bit model with PEFT's logits."""
+    import peft as torch_peft
+    import transformers as T
+    _, q4_dir, _ = llama_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q4 = T.AutoModelForCausalLM.from_pretrained(q4_dir, device_map="cpu",
+                                                    dtype=torch.float32).eval()
+        torch.manual_seed(0)
+        pm = torch_peft.get_peft_model(q4, torch_peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True,
+            init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.2 * torch.randn_like(p))
+        pm.eval().save_pretrained(str(tmp_path))
+        want = pm(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).logits
+    want = want.detach().numpy()[MASK == 1]
+    ours = PeftModel.from_pretrained(from_pretrained(q4_dir, progress=False), str(tmp_path))
+    assert type(ours.base_model.model.layers[0].mlp.down_proj).__name__ == "LoraQuantizedLinear"
+    diff = np.abs(_logits(ours) - want).max()
+    print(f"DoRA over 4-bit: max |logit - PEFT + bitsandbytes| = {diff:.2e}")
+    assert diff < 1e-4

@@ -33,6 +33,22 @@ def max_diff(task: str, a, b, mask) -> float:
     return float(np.abs(a[real] - b[real]).max() if task == "causal_lm" else np.abs(a - b).max())
 
 
+class Probe:
+    """Logits of both sides on one fixed batch (``ids``, ``mask``)."""
+
+    def __init__(self, ids, mask):
+        self.ids, self.mask = ids, mask
+
+    def torch(self, model) -> np.ndarray:
+        return torch_logits(model, self.ids, self.mask)
+
+    def ours(self, model) -> np.ndarray:
+        return our_logits(model, self.ids, self.mask)
+
+    def diff(self, task: str, a, b) -> float:
+        return max_diff(task, a, b, self.mask)
+
+
 def greedy_reference(hf_model, row: list[int], n: int) -> list[int]:
     """``n`` tokens after ``row``: the PyTorch model's argmax, extended one token at a time
     without a cache (the reference for the cache path of generation)."""

@@ -19,31 +19,13 @@ from peftjax import IA3Config, PeftModel, count_parameters, get_peft_model
 from peftjax.models import from_pretrained
 from peftjax.tuners._ia3 import IA3Mixin
 from peftjax.tuners._layer import adapted_layers
-from tests.conftest import batch, hf_class, hf_positions, train_briefly
+from tests.conftest import batch, hf_class, train_briefly
+from tests.tuners.common import Probe
 
 # arch -> task (encoders as classifiers, so that the head and padding matter)
 ARCHS = {"llama": "causal_lm", "qwen2": "causal_lm", "gemma": "causal_lm", "gpt2": "causal_lm",
          "bert": "sequence_classification"}
-IDS, MASK = batch(lengths=(10, 6, 8))
-
-
-def _torch_logits(model, arch):
-    kw = {} if arch == "bert" else {"position_ids": torch.tensor(hf_positions(MASK))}
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
-                     **kw).logits.numpy()
-
-
-def _ours(model):
-    out = nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, jnp.asarray(IDS),
-                                                          jnp.asarray(MASK))
-    return np.asarray(out.logits)
-
-
-def _diff(arch, a, b):
-    if ARCHS[arch] == "causal_lm":
-        a, b = a[MASK == 1], b[MASK == 1]
-    return float(np.abs(a - b).max())
+PROBE = Probe(*batch(lengths=(10, 6, 8)))
 
 
 def _peft_ia3(path, arch, **cfg):
@@ -72,10 +54,10 @@ def test_peft_ia3_file_loads_with_peft_logits(tiny_dir, tmp_path, arch):
     trainable, total = pm.get_nb_trainable_parameters()
     head_copy = sum(p.numel() for n, p in pm.named_parameters() if ".modules_to_save." in n)
     assert count_parameters(ours) == (trainable, total - head_copy)  # PEFT counts its head twice
-    base = _torch_logits(hf_class(arch, ARCHS[arch]).from_pretrained(path).eval(), arch)
-    want = _torch_logits(pm, arch)
-    assert _diff(arch, want, base) > 1e-2  # the vectors really change the outputs
-    diff = _diff(arch, _ours(ours), want)
+    base = PROBE.torch(hf_class(arch, ARCHS[arch]).from_pretrained(path).eval())
+    want = PROBE.torch(pm)
+    assert PROBE.diff(ARCHS[arch], want, base) > 1e-2  # the vectors really change the outputs
+    diff = PROBE.diff(ARCHS[arch], PROBE.ours(ours), want)
     print(f"{arch}: PEFT file -> peftjax, max|logit diff| = {diff:.2e}")
     assert diff <= 1e-4
 
@@ -87,11 +69,11 @@ def test_peftjax_ia3_trains_and_loads_in_peft(tiny_dir, tmp_path, arch):
     cfg = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
     ours = get_peft_model(from_pretrained(path, task=task, progress=False), IA3Config(**cfg),
                           rngs=nnx.Rngs(0))
-    before = _ours(ours)
+    before = PROBE.ours(ours)
     losses = train_briefly(ours, task, *batch(lengths=(12, 9, 7, 12), seed=5), lr=5e-2)
     assert losses[-1] < losses[0]
-    after = _ours(ours)
-    assert _diff(arch, after, before) > 1e-3
+    after = PROBE.ours(ours)
+    assert PROBE.diff(ARCHS[arch], after, before) > 1e-3
     ours.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "IA3" and saved["feedforward_modules"]
@@ -104,45 +86,45 @@ def test_peftjax_ia3_trains_and_loads_in_peft(tiny_dir, tmp_path, arch):
     a = load_file(str(tmp_path / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    diff = _diff(arch, after, _torch_logits(pm, arch))
+    diff = PROBE.diff(ARCHS[arch], after, PROBE.torch(pm))
     print(f"{arch}: peftjax file -> PEFT, max|logit diff| = {diff:.2e}")
     assert diff <= 1e-4
 
 
 def test_identity_merge_unmerge_and_4bit(tiny_dir):
     path = tiny_dir("llama")
-    base = _ours(from_pretrained(path, progress=False))
+    base = PROBE.ours(from_pretrained(path, progress=False))
     model = get_peft_model(from_pretrained(path, progress=False), IA3Config(), rngs=nnx.Rngs(0))
-    assert np.array_equal(_ours(model), base)  # vectors at one
+    assert np.array_equal(PROBE.ours(model), base)  # vectors at one
     rng = np.random.default_rng(0)
     for _, layer in adapted_layers(model.base_model, IA3Mixin):
         v = layer.ia3["default"].ia3_l
         v[...] = jnp.asarray(rng.uniform(0.5, 1.5, v[...].shape), jnp.float32)
-    scaled = _ours(model)
+    scaled = PROBE.ours(model)
     kernels = {n: np.asarray(layer.kernel[...])
                for n, layer in adapted_layers(model.base_model, IA3Mixin)}
     model.merge_adapter()
-    assert _diff("llama", _ours(model), scaled) <= 1e-5
+    assert PROBE.diff("causal_lm", PROBE.ours(model), scaled) <= 1e-5
     model.unmerge_adapter()
     for n, layer in adapted_layers(model.base_model, IA3Mixin):
         np.testing.assert_allclose(np.asarray(layer.kernel[...]), kernels[n], rtol=1e-6,
                                    atol=1e-7)
     merged = model.merge_and_unload()
     assert not adapted_layers(merged)
-    assert _diff("llama", _ours(merged), scaled) <= 1e-5
+    assert PROBE.diff("causal_lm", PROBE.ours(merged), scaled) <= 1e-5
 
     from peftjax.quant import QuantConfig
     q = from_pretrained(path, progress=False,
                         quantization=QuantConfig("nf4", blocksize=32, compute_dtype="float32"))
-    qbase = _ours(q)
+    qbase = PROBE.ours(q)
     qmodel = get_peft_model(q, IA3Config(), rngs=nnx.Rngs(0))
-    assert np.array_equal(_ours(qmodel), qbase)
+    assert np.array_equal(PROBE.ours(qmodel), qbase)
     losses = train_briefly(qmodel, "causal_lm", *batch(lengths=(12, 9, 7, 12), seed=5), lr=5e-2)
     assert losses[-1] < losses[0]
-    trained = _ours(qmodel)
+    trained = PROBE.ours(qmodel)
     with pytest.raises(TypeError, match="4-bit weight in place"):
         qmodel.merge_adapter()
-    assert _diff("llama", _ours(qmodel.merge_and_unload()), trained) <= 1e-4
+    assert PROBE.diff("causal_lm", PROBE.ours(qmodel.merge_and_unload()), trained) <= 1e-4
 
 
 def test_ia3_config_errors():

@@ -192,5 +192,5 @@ def test_named_adapter_errors(tiny_dir):
     prompts = get_peft_model(from_pretrained(tiny_dir("llama"), progress=False),
                              PromptTuningConfig(num_virtual_tokens=2), rngs=nnx.Rngs(0))
     prompts.add_adapter("b", PromptTuningConfig(num_virtual_tokens=3))
-    with pytest.raises(ValueError, match="prompt_tuning adapters cannot be active together"):
+    with pytest.raises(ValueError, match="prompt_tuning adapter .default. cannot be active"):
         prompts.set_adapter(["default", "b"])

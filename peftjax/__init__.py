@@ -4,11 +4,11 @@ from peftjax import models, train
 from peftjax.generation import Generation, generate
 from peftjax.tokenizer import load_tokenizer
 from peftjax.tuners import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel,
-                            PrefixTuningConfig, PromptTuningConfig, count_parameters,
+                            PrefixTuningConfig, PromptTuningConfig, VeraConfig, count_parameters,
                             get_peft_model, prompt_bank)
 
 __version__ = "0.1.0"
 
 __all__ = ["AdaptionPromptConfig", "Generation", "IA3Config", "LoraConfig", "PeftModel",
-           "PrefixTuningConfig", "PromptTuningConfig", "count_parameters", "generate",
+           "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "count_parameters", "generate",
            "get_peft_model", "load_tokenizer", "models", "prompt_bank", "train", "__version__"]

@@ -15,10 +15,11 @@ from peftjax.tuners._peft_model import PeftModel, count_parameters, get_peft_mod
 from peftjax.tuners._prefix import PrefixParam, PrefixTuningConfig
 from peftjax.tuners._prompt import PromptParam, PromptTuningConfig, prompt_bank
 from peftjax.tuners._targets import find_targets, is_target
+from peftjax.tuners._vera import VeraConfig, VeraParam
 
-__all__ = ["DEFAULT_LORA_TARGETS", "AdaptionParam", "AdaptionPromptConfig", "AdapterParam",
+__all__ = ["AdapterParam", "AdaptionParam", "AdaptionPromptConfig", "DEFAULT_LORA_TARGETS",
            "IA3Config", "IA3Param", "LoraConfig", "LoraParam", "PeftModel", "PrefixParam",
-           "PrefixTuningConfig", "PromptParam", "PromptTuningConfig", "TunerConfig",
-           "adapter_tensors", "count_parameters", "find_targets", "get_peft_model", "is_lora_layer",
-           "is_target", "load_adapter", "prompt_bank", "read_config", "register", "registered",
-           "save_adapter"]
+           "PrefixTuningConfig", "PromptParam", "PromptTuningConfig", "TunerConfig", "VeraConfig",
+           "VeraParam", "adapter_tensors", "count_parameters", "find_targets", "get_peft_model",
+           "is_lora_layer", "is_target", "load_adapter", "prompt_bank", "read_config", "register",
+           "registered", "save_adapter"]

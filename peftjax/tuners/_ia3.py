@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.tuners._base import (PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple,
-                                  in_modules, register)
+from peftjax.tuners._base import PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
 from peftjax.tuners._layer import AdaptedLayer, LayerMethod, adapted_layers, wrap
 from peftjax.tuners._targets import find_targets, get_submodule
 
@@ -192,9 +191,6 @@ class IA3Config(LayerMethod, TunerConfig):
                                                 init_ones=config.init_ia3_weights, rngs=rngs)
         return {}
 
-    def trains(self, path, var, peft_model) -> bool:
-        return in_modules(path, var, self.modules_to_save)
-
     def peft_entries(self, peft_model) -> dict:
         """``<module>.ia3_l`` per adapted layer, and ``modules_to_save`` weights under their
         Hugging Face names."""
@@ -202,5 +198,5 @@ class IA3Config(LayerMethod, TunerConfig):
         out = {f"{PREFIX}{name}.ia3_l": (layer.ia3[adapter].ia3_l, False)
                for name, layer in adapted_layers(peft_model.base_model, IA3Mixin)
                if adapter in layer.ia3}
-        out.update(peft_model.trained_base_entries())
+        out.update(self.base_entries(peft_model))
         return out

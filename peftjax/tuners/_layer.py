@@ -13,6 +13,8 @@ unloading are here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import ClassVar
 
@@ -21,7 +23,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, param_value
-from peftjax.tuners._targets import named_modules, set_submodule
+from peftjax.models._layers import fold as fold_key
+from peftjax.tuners._base import in_modules
+from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
+
+
+# The dropout key of the forward pass being traced: set by the method's ``call`` around the
+# model call (trace-time Python state, so it works under jit, grad and remat alike).
+_DROPOUT_RNG: contextvars.ContextVar = contextvars.ContextVar("adapter_dropout_rng",
+                                                              default=None)
+
+
+@contextlib.contextmanager
+def dropout_rng(rng: jax.Array | None):
+    """Adapted layers called inside this block apply their dropout with keys folded from
+    ``rng`` (None: no dropout)."""
+    token = _DROPOUT_RNG.set(rng)
+    try:
+        yield
+    finally:
+        _DROPOUT_RNG.reset(token)
+
+
+def site_key(site: int) -> jax.Array | None:
+    """The dropout key of one adapted layer (None when dropout is off)."""
+    return fold_key(_DROPOUT_RNG.get(), site)
 
 
 class AdaptedLayer:
@@ -159,6 +185,36 @@ class LayerMethod:
     layer_mixin: ClassVar[type]
     mergeable: ClassVar[bool] = True
     combinable: ClassVar[bool] = True
+
+    def call(self, peft_model, args, kwargs):
+        with dropout_rng(fold_key(kwargs.get("dropout_rng"), -100)):
+            return peft_model.base_model(*args, **kwargs)
+
+    def base_entries(self, peft_model) -> dict:
+        """PEFT key -> (variable, transposed) for the trained base weights: under their Hugging
+        Face names, a bias of a layer the active adapter adapts under
+        ``<module>.base_layer.bias`` (PEFT's wrapper level)."""
+        adapter = peft_model.active_adapter
+        own = {n for n, layer in adapted_layers(peft_model.base_model, self.layer_mixin)
+               if adapter in layer.adapters}
+        return peft_model.trained_base_entries(
+            rename=lambda owner, key: f"{owner}.base_layer.bias"
+            if owner in own and key.endswith(".bias") else key)
+
+    def trains(self, path, var, peft_model) -> bool:
+        """``modules_to_save`` weights, and biases as the config's ``bias`` says (if it has
+        one): ``"all"`` every bias, ``"<method>_only"`` (``lora_only``, ``vera_only``) the
+        biases of layers the active adapter adapts."""
+        if in_modules(path, var, self.modules_to_save):
+            return True
+        bias = getattr(self, "bias", "none")
+        if bias == "none" or not isinstance(var, nnx.Param) or path[0] != "base_model" or \
+                path[-1] != "bias":
+            return False
+        if bias == "all":
+            return True
+        layer = get_submodule(peft_model.base_model, ".".join(map(str, path[1:-1])))
+        return isinstance(layer, self.layer_mixin) and peft_model.active_adapter in layer.adapters
 
     def activate(self, peft_model, names: tuple) -> None:
         for _, layer in adapted_layers(peft_model.base_model, self.layer_mixin):

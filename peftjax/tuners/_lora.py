@@ -20,8 +20,6 @@ weight.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -32,11 +30,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, dropout, param_value
-from peftjax.models._layers import fold as fold_key
-from peftjax.tuners._base import (PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple,
-                                  in_modules, register)
+from peftjax.tuners._base import PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
 from peftjax.tuners._layer import (AdaptedLayer, HostValues, LayerMethod, adapted_class,
-                                   adapted_layers, wrap)
+                                   adapted_layers, site_key, wrap)
 from peftjax.tuners._targets import find_targets, get_submodule, pattern_key
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -52,22 +48,6 @@ _MUST_BE = {"lora_bias": (False, None), "layer_replication": (None,),
             "target_parameters": (None, []), "trainable_token_indices": (None,),
             "use_qalora": (False, None), "alora_invocation_tokens": (None,),
             "use_bdlora": (None, False), "megatron_config": (None,)}
-
-# The dropout key of the forward pass being traced: set by PeftModel.__call__ around the model
-# call (trace-time Python state, so it works under jit, grad and remat alike).
-_DROPOUT_RNG: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_rng", default=None)
-
-
-@contextlib.contextmanager
-def lora_dropout_rng(rng: jax.Array | None):
-    """LoRA layers called inside this block apply their dropout with keys folded from ``rng``
-    (None: no dropout)."""
-    token = _DROPOUT_RNG.set(rng)
-    try:
-        yield
-    finally:
-        _DROPOUT_RNG.reset(token)
-
 
 class LoraParam(AdapterParam):
     """A LoRA factor."""
@@ -205,7 +185,7 @@ class LoraMixin(AdaptedLayer):
         y = super().__call__(x)
         dt = jnp.dtype(self.dtype)
         for f in self.applied():
-            h = dropout(x, f.dropout_rate, fold_key(_DROPOUT_RNG.get(), f.site))
+            h = dropout(x, f.dropout_rate, site_key(f.site))
             d = _lora_delta(f.scaling, dt)(h, param_value(f.lora_A), param_value(f.lora_B))
             if not f.dora:
                 y = y + d
@@ -342,23 +322,6 @@ class LoraConfig(LayerMethod, TunerConfig):
                 init=config.init_lora_weights, site=site, dora=config.use_dora, rngs=rngs)
         return {}
 
-    def call(self, peft_model, args, kwargs):
-        with lora_dropout_rng(fold_key(kwargs.get("dropout_rng"), -100)):
-            return peft_model.base_model(*args, **kwargs)
-
-    def trains(self, path, var, peft_model) -> bool:
-        """``modules_to_save`` parameters; biases as ``bias`` says (``all``: every bias;
-        ``lora_only``: biases of adapted layers)."""
-        if in_modules(path, var, self.modules_to_save):
-            return True
-        if not isinstance(var, nnx.Param) or path[0] != "base_model" or path[-1] != "bias":
-            return False
-        if self.bias == "all":
-            return True
-        layer = get_submodule(peft_model.base_model, ".".join(map(str, path[1:-1])))
-        return (self.bias == "lora_only" and is_lora_layer(layer)
-                and peft_model.active_adapter in layer.lora)
-
     def peft_entries(self, peft_model) -> dict:
         """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,
         trained biases of adapted layers as ``<module>.base_layer.bias`` (PEFT's wrapper level),
@@ -372,9 +335,7 @@ class LoraConfig(LayerMethod, TunerConfig):
             out[f"{PREFIX}{name}.lora_B.weight"] = (f.lora_B, True)
             if f.dora:
                 out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f.lora_magnitude_vector, False)
-        out.update(peft_model.trained_base_entries(
-            rename=lambda owner, key: f"{owner}.base_layer.bias"
-            if owner in lora and key.endswith(".bias") else key))
+        out.update(self.base_entries(peft_model))
         return out
 
     def to_peft_dict(self) -> dict:

@@ -33,6 +33,31 @@ def max_diff(task: str, a, b, mask) -> float:
     return float(np.abs(a[real] - b[real]).max() if task == "causal_lm" else np.abs(a - b).max())
 
 
+def layer_config(arch: str, task: str, **kw) -> dict:
+    """Config kwargs (PEFT's and ours alike) for a layer method on a tiny model: GPT-2's Conv1D
+    layout flag, and for a classifier the ``SEQ_CLS`` task with its head saved."""
+    cfg = dict(kw)
+    if arch == "gpt2":
+        cfg["fan_in_fan_out"] = True
+    if task != "causal_lm":
+        cfg.update(task_type="SEQ_CLS", modules_to_save=["classifier"])
+    return cfg
+
+
+def peft_saved(hf_model, peft_config, directory: str, edit=None):
+    """PyTorch PEFT's model for ``peft_config`` on ``hf_model`` (torch seed 0), optionally
+    changed by ``edit(model)`` (under no_grad), saved to ``directory``; returned in eval mode."""
+    import peft
+    import torch
+    torch.manual_seed(0)
+    pm = quiet(peft.get_peft_model, hf_model.eval(), peft_config)
+    if edit is not None:
+        with torch.no_grad():
+            edit(pm)
+    pm.eval().save_pretrained(directory)
+    return pm
+
+
 class Probe:
     """Logits of both sides on one fixed batch (``ids``, ``mask``)."""
 

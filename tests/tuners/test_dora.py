@@ -20,7 +20,7 @@ from peftjax import LoraConfig, PeftModel, get_peft_model
 from peftjax.models import from_pretrained
 from peftjax.tuners import LoraParam
 from tests.conftest import batch, hf_class, train_briefly
-from tests.tuners.common import Probe
+from tests.tuners.common import Probe, layer_config, peft_saved
 
 ARCHS = {"llama": ("causal_lm", ["q_proj", "v_proj", "down_proj"]),
          "gpt2": ("causal_lm", ["c_attn", "c_fc"]),
@@ -30,28 +30,21 @@ PROBE = Probe(*batch(lengths=(10, 6, 8)))
 
 def _config(arch, **kw):
     task, targets = ARCHS[arch]
-    cfg = dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True, **kw)
-    if arch == "gpt2":
-        cfg["fan_in_fan_out"] = True
-    if task != "causal_lm":
-        cfg.update(task_type="SEQ_CLS", modules_to_save=["classifier"])
-    return cfg
+    return layer_config(arch, task, r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                        **kw)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_peft_dora_file_loads_with_peft_logits(tiny_dir, tmp_path, arch):
     task = ARCHS[arch][0]
     path = tiny_dir(arch, task)
-    torch.manual_seed(0)
-    hf = hf_class(arch, task).from_pretrained(path).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **_config(arch)))
-    with torch.no_grad():  # a magnitude that is no longer the weight norm, as after training
+    def edit(pm):  # a magnitude that is no longer the weight norm, as after training
         for name, p in pm.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
-    pm.eval().save_pretrained(str(tmp_path))
+
+    pm = peft_saved(hf_class(arch, task).from_pretrained(path),
+                    peft.LoraConfig(init_lora_weights=False, **_config(arch)), str(tmp_path), edit)
     want = PROBE.torch(pm)
     ours = PeftModel.from_pretrained(from_pretrained(path, task=task, progress=False),
                                      str(tmp_path))

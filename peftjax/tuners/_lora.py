@@ -78,7 +78,10 @@ def _lora_delta(scaling: float, dtype) -> Any:
 
     def fwd(h, a, b):
         y, xa = value(h.value, a.value, b.value)
-        return y, (h.value, a.value, b.value, xa, (h.perturbed, a.perturbed, b.perturbed))
+        # the layer input is kept only for dA: with A frozen (LoRA-FA) the residual is x A
+        # [N, r], not x [N, in] (an empty array stands in, carrying the dtype)
+        kept = h.value if a.perturbed else jnp.zeros((0,), h.value.dtype)
+        return y, (kept, a.value, b.value, xa, (h.perturbed, a.perturbed, b.perturbed))
 
     def bwd(res, dy):
         h, a, b, xa, (ph, pa, pb) = res
@@ -88,7 +91,8 @@ def _lora_delta(scaling: float, dtype) -> Any:
         g_NR = jnp.dot(dy_NO, b.astype(dtype).T) * jnp.asarray(scaling, dtype)
         dh = da = db = None  # None: a zero cotangent (that input is not differentiated)
         if ph:
-            dh = jnp.dot(g_NR, a.astype(dtype).T).reshape(h.shape).astype(h.dtype)
+            dh = jnp.dot(g_NR, a.astype(dtype).T).reshape(dy.shape[:-1] + a.shape[:1])
+            dh = dh.astype(h.dtype)
         if pa:
             da = jnp.einsum("nr,ni->ri", g_NR, h.reshape(-1, h.shape[-1]).astype(dtype),
                             preferred_element_type=f32).T.astype(a.dtype)
@@ -243,6 +247,7 @@ class LoraConfig(LayerMethod, TunerConfig):
     task_type: str | None = None
     fan_in_fan_out: bool = False
     use_dora: bool = False
+    lora_fa: bool = False  # peftjax's: A stays at its initial values (not in PEFT's file)
     base_model_name_or_path: str | None = None
 
     method = "lora"
@@ -277,8 +282,9 @@ class LoraConfig(LayerMethod, TunerConfig):
                             "'gaussian' (other PEFT initialisations are not implemented)")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
-        if not isinstance(self.use_dora, bool):
-            problems.append(f"use_dora={self.use_dora!r} must be True or False")
+        for name in ("use_dora", "lora_fa"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be True or False")
         for key, r in self.rank_pattern.items():
             if not isinstance(r, int) or r <= 0:
                 problems.append(f"rank_pattern[{key!r}]={r!r} must be a positive integer")
@@ -320,6 +326,8 @@ class LoraConfig(LayerMethod, TunerConfig):
             layer.lora[adapter_name] = LoraFactors(
                 layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
                 init=config.init_lora_weights, site=site, dora=config.use_dora, rngs=rngs)
+            if config.lora_fa:  # LoRA-FA: A frozen at its initialisation, only B trains
+                layer.lora[adapter_name].lora_A.set_metadata("frozen", True)
         return {}
 
     def peft_entries(self, peft_model) -> dict:
@@ -339,7 +347,9 @@ class LoraConfig(LayerMethod, TunerConfig):
         return out
 
     def to_peft_dict(self) -> dict:
-        return {**super().to_peft_dict(), "lora_bias": False, "layer_replication": None}
+        out = {**super().to_peft_dict(), "lora_bias": False, "layer_replication": None}
+        del out["lora_fa"]  # how it was trained; the file is a plain LoRA adapter
+        return out
 
     @classmethod
     def from_peft_dict(cls, data: dict, path: str) -> LoraConfig:

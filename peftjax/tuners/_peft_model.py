@@ -336,14 +336,16 @@ class PeftModel(nnx.Module):
 
     def trainable_mask(self) -> nnx.State:
         """Pytree of bools over this model's state: True where a leaf trains. The active
-        adapters' :class:`AdapterParam` leaves, and the base weights their method's ``trains``
-        adds (``modules_to_save``, biases)."""
+        adapters' :class:`AdapterParam` leaves (except those marked ``frozen``, e.g. LoRA-FA's
+        ``A``), and the base weights their method's ``trains`` adds (``modules_to_save``,
+        biases)."""
         active = () if self._disabled else self._active
         base = set().union(*(self._trained_base_paths(n) for n in active))
 
         def trains(path, var) -> bool:
             if isinstance(var, AdapterParam):
-                return var.get_metadata().get("adapter") in active
+                meta = var.get_metadata()
+                return meta.get("adapter") in active and not meta.get("frozen", False)
             return path[0] == "base_model" and tuple(path[1:]) in base
 
         flat = nnx.to_flat_state(nnx.state(self))

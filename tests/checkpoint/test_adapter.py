@@ -119,8 +119,12 @@ def test_adapter_errors(tiny_dir, tmp_path):
                           rngs=nnx.Rngs(0))
     ours.save_pretrained(str(tmp_path))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(CheckpointError, match=r"not implemented here: \{'lora_bias': True\}"):
+        PeftModel.from_pretrained(from_pretrained(path, progress=False), str(tmp_path))
+    # a config that says DoRA over a file without magnitudes: the strict check names them
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(CheckpointError, match=r"not implemented here: \{'use_dora': True\}"):
+    with pytest.raises(CheckpointError, match=r"missing 6: \[.*lora_magnitude_vector"):
         PeftModel.from_pretrained(from_pretrained(path, progress=False), str(tmp_path))
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3,
                                                              "init_lora_weights": False}))

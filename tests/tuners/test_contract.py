@@ -39,6 +39,8 @@ CONTRACT = {
     # variants of a method: "method+variant"
     "lora+dora": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                              use_dora=True), 2e-5),  # m / n is 1 up to float32 rounding
+    "lora+fa": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                           lora_fa=True), True),  # LoRA-FA: A frozen, only B trains
 }
 IDS, MASK = batch(lengths=(12, 9, 7, 12, 10, 5, 12, 8), seed=1)
 DATA = {"input_ids": IDS, "attention_mask": MASK, "labels": np.where(MASK == 1, IDS, -100)}
@@ -162,7 +164,8 @@ def test_named_adapters(tiny_dir, tmp_path, method):
     mask = dict(nnx.to_flat_state(model.trainable_mask()))  # exactly the active adapter's
     leaves = list(nnx.to_flat_state(nnx.state(model, AdapterParam)))
     assert {p for p, on in mask.items() if on} == {
-        p for p, v in leaves if v.get_metadata()["adapter"] == "other"}
+        p for p, v in leaves if v.get_metadata()["adapter"] == "other"
+        and not v.get_metadata().get("frozen", False)}
 
     model.save_pretrained(str(tmp_path))
     alone = PeftModel.from_pretrained(from_pretrained(path, progress=False),

@@ -17,7 +17,7 @@ from peftjax import LoraConfig, count_parameters, get_peft_model
 from peftjax.models import from_pretrained
 from peftjax.tuners import LoraParam, is_lora_layer
 from peftjax.tuners._targets import get_submodule
-from tests.conftest import batch, hf_class, hf_positions
+from tests.conftest import batch, hf_class, hf_positions, train_briefly
 
 
 def _inputs(arch):
@@ -280,3 +280,31 @@ def test_lora_delta_backward_matches_autodiff(dtype):
             rel = err / float(jnp.abs(r.astype(jnp.float32)).max())
             print(f"{jnp.dtype(dtype).name} d{'hab'[i]}: relative error {rel:.1e}")
             assert rel <= tol, (argnums, i, rel)
+
+
+def test_lora_fa_trains_b_only_and_keeps_x_a_not_the_layer_input(tiny_dir):
+    """LoRA-FA (``lora_fa=True``): A stays at its initialisation, only B trains (and has
+    optimizer state), and the backward pass of an adapted layer keeps ``x A`` [N, r] instead
+    of its input ``x`` [N, in]."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from peftjax.tuners._lora import _lora_delta
+    delta = _lora_delta(2.0, jnp.float32)
+    h, a, b = jnp.ones((48, 32)), jnp.ones((32, 4)), jnp.ones((4, 16))
+    kept = [r[0].shape for r in saved_residuals(lambda h, b: delta(h, a, b).sum(), h, b)]
+    assert (48, 32) not in kept and (48, 4) in kept, kept
+    kept = [r[0].shape for r in saved_residuals(lambda h, a, b: delta(h, a, b).sum(), h, a, b)]
+    assert (48, 32) in kept  # plain LoRA needs the input for dA
+
+    model = get_peft_model(from_pretrained(tiny_dir("llama"), progress=False),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_fa=True),
+                           rngs=nnx.Rngs(0))
+    on = {p[-1] for p, v in nnx.to_flat_state(model.trainable_mask()) if v}
+    assert on == {"lora_B"}
+    factors = [layer.lora["default"] for _, layer in model.lora_layers()]
+    a_before = [np.asarray(f.lora_A[...]) for f in factors]
+    ids, mask = batch(lengths=(9, 6))
+    train_briefly(model, "causal_lm", ids, mask, steps=2)
+    assert all(np.array_equal(np.asarray(f.lora_A[...]), a) for f, a in zip(factors, a_before))
+    assert all(np.abs(np.asarray(f.lora_B[...])).max() > 0 for f in factors)
+    assert "lora_fa" not in model.peft_config.to_peft_dict()  # the file is plain LoRA

@@ -31,8 +31,8 @@ from flax import nnx
 
 from peftjax.models._layers import Linear, dropout, param_value
 from peftjax.tuners._base import PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
-from peftjax.tuners._layer import (AdaptedLayer, HostValues, LayerMethod, adapted_class,
-                                   adapted_layers, site_key, wrap)
+from peftjax.tuners._layer import (AdaptedLayer, HostValues, LayerMethod, adapted_layers,
+                                   site_key, wrap)
 from peftjax.tuners._targets import find_targets, get_submodule, pattern_key
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -202,11 +202,6 @@ class LoraMixin(AdaptedLayer):
                 base = jnp.dot(h.astype(dt), kernel.astype(dt))
             y = y + (scale - 1) * base + scale * d
         return y
-
-
-def lora_class(base_cls: type) -> type:
-    """``LoraLinear`` for ``Linear``, ``LoraConv1D`` for ``Conv1D``: same HF names as the base."""
-    return adapted_class(LoraMixin, base_cls)
 
 
 def is_lora_layer(module) -> bool:

@@ -3,12 +3,12 @@
 from peftjax import models, train
 from peftjax.generation import Generation, generate
 from peftjax.tokenizer import load_tokenizer
-from peftjax.tuners import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel,
-                            PrefixTuningConfig, PromptTuningConfig, VeraConfig, count_parameters,
-                            get_peft_model, prompt_bank)
+from peftjax.tuners import (AdaptionPromptConfig, BottleneckConfig, IA3Config, LoraConfig, PeftModel,
+                            PrefixTuningConfig, PromptTuningConfig, TiedLoraConfig, VeraConfig,
+                            count_parameters, get_peft_model, prompt_bank)
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptionPromptConfig", "Generation", "IA3Config", "LoraConfig", "PeftModel",
-           "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "count_parameters", "generate",
+__all__ = ["AdaptionPromptConfig", "BottleneckConfig", "Generation", "IA3Config", "LoraConfig", "PeftModel",
+           "PrefixTuningConfig", "PromptTuningConfig", "TiedLoraConfig", "VeraConfig", "count_parameters", "generate",
            "get_peft_model", "load_tokenizer", "models", "prompt_bank", "train", "__version__"]

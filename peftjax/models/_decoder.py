@@ -148,10 +148,12 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, **attn_kw):
         h, new_cache = self.self_attn(self.input_layernorm(x), **attn_kw)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), new_cache
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+            x = L.join_residual(self, "attention_adapters", self.post_attention_layernorm(h), x)
+            h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return L.join_residual(self, "output_adapters", h, x), new_cache
+        x = L.join_residual(self, "attention_adapters", h, x)
+        return L.join_residual(self, "output_adapters",
+                               self.mlp(self.post_attention_layernorm(x)), x), new_cache
 
 
 class DecoderModel(nnx.Module):

@@ -161,6 +161,17 @@ ACTIVATIONS = {
 }
 
 
+def join_residual(block: nnx.Module, site: str, h: Array, x: Array, norm=None) -> Array:
+    """Where a sublayer's output ``h`` joins the residual stream ``x``: ``x + h``, or
+    ``norm(h + x)`` in a post-norm block (BERT) that passes its LayerNorm. A module the block
+    holds under ``site`` (``"attention_adapters"`` after attention, ``"output_adapters"`` after
+    the feed-forward block: where bottleneck adapters sit) takes over the join."""
+    hook = getattr(block, site, None)
+    if hook is not None:
+        return hook(h, x, norm)
+    return x + h if norm is None else norm(h + x)
+
+
 def dropout(x: Array, rate: float, rng: Array | None) -> Array:
     """Inverted dropout; the identity when ``rng`` is None (evaluation) or ``rate`` is 0.
 

@@ -135,10 +135,14 @@ class BertLayer(nnx.Module):
                                     dropout_rate=cfg.attention_dropout,
                                     dropout_rng=L.fold(dropout_rng, 0)).reshape(B, T, E)
         ao = self.attention.output
-        x = ao.LayerNorm(L.dropout(ao.dense(a), cfg.hidden_dropout, L.fold(dropout_rng, 1)) + x_BTE)
+        x = L.join_residual(self, "attention_adapters",
+                            L.dropout(ao.dense(a), cfg.hidden_dropout, L.fold(dropout_rng, 1)),
+                            x_BTE, ao.LayerNorm)
         h = checkpoint_name(L.ACTIVATIONS[cfg.activation](self.intermediate.dense(x)), "mlp_hidden")
         o = self.output
-        return o.LayerNorm(L.dropout(o.dense(h), cfg.hidden_dropout, L.fold(dropout_rng, 2)) + x)
+        return L.join_residual(self, "output_adapters",
+                               L.dropout(o.dense(h), cfg.hidden_dropout, L.fold(dropout_rng, 2)),
+                               x, o.LayerNorm)
 
 
 class BertModel(nnx.Module):

@@ -146,8 +146,9 @@ class GPT2Block(nnx.Module):
 
     def __call__(self, x, *, dropout_rng=None, **attn_kw):
         h, new_cache = self.attn(self.ln_1(x), dropout_rng=L.fold(dropout_rng, 0), **attn_kw)
-        x = x + h
-        return x + self.mlp(self.ln_2(x), L.fold(dropout_rng, 1)), new_cache
+        x = L.join_residual(self, "attention_adapters", h, x)
+        h = self.mlp(self.ln_2(x), L.fold(dropout_rng, 1))
+        return L.join_residual(self, "output_adapters", h, x), new_cache
 
 
 class GPT2Model(nnx.Module):

@@ -29,6 +29,13 @@ Hooks (defaults in :class:`TunerConfig`):
   refusing options that change the math and are not implemented.
 - ``mergeable`` and ``merge_reason``: whether the adapter folds into the weights;
   ``combinable``: whether several adapters can be active at once (their effects add up).
+
+File layout (PEFT's by default; a method whose ecosystem has another format overrides them):
+``weight_files`` (the tensor files, the first one required) and ``weight_file(key)`` (which
+one holds a key), ``file_dict(peft_model)`` (the content of ``adapter_config.json``),
+``extra_files(peft_model)`` (further JSON files), ``stored_key(key)`` (the form in which a stored
+key is matched against ``peft_entries``), ``claims(data)`` (a config file in a format other
+than PEFT's that the method reads).
 """
 
 from __future__ import annotations
@@ -123,6 +130,27 @@ class TunerConfig:
         raise TypeError(f"{type(self).__name__} cannot be merged into the weights: "
                         f"{self.merge_reason} Serve the base model with the adapter instead.")
 
+    # ------------------------------------------------------------------------ file layout
+    weight_files: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)
+
+    def weight_file(self, key: str) -> str:
+        return self.weight_files[0]
+
+    def file_dict(self, peft_model) -> dict[str, Any]:
+        return self.to_peft_dict()
+
+    def extra_files(self, peft_model) -> dict[str, dict]:
+        return {}
+
+    def stored_key(self, key: str) -> str | None:
+        """The form a stored key is matched in (None: a tensor of the format that is not part
+        of the adapter, skipped)."""
+        return key.replace(".default.", ".")  # very old PEFT files kept the adapter name
+
+    @classmethod
+    def claims(cls, data: dict) -> bool:
+        return False
+
     def to_peft_dict(self) -> dict[str, Any]:
         data = {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
@@ -166,6 +194,15 @@ def config_for_peft_type(peft_type: str, path: str) -> type[TunerConfig]:
         raise ValueError(f"{path}: peft_type={peft_type!r} is not implemented in peftjax; it "
                          f"loads {sorted(_BY_PEFT_TYPE)}.")
     return _BY_PEFT_TYPE[peft_type]
+
+
+def config_for_file(data: dict, path: str) -> type[TunerConfig]:
+    """The method a loaded ``adapter_config.json`` belongs to: one that claims its format, else
+    its ``peft_type`` (PEFT files without one are LoRA)."""
+    for cls in _BY_METHOD.values():
+        if cls.claims(data):
+            return cls
+    return config_for_peft_type(data.get("peft_type", "LORA"), path)
 
 
 def config_for_method(method: str) -> type[TunerConfig]:

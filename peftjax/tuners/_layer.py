@@ -185,6 +185,32 @@ class LayerMethod:
     layer_mixin: ClassVar[type]
     mergeable: ClassVar[bool] = True
     combinable: ClassVar[bool] = True
+    bias_modes: ClassVar[tuple] = ("none", "all")
+
+    def shared_problems(self, dropout_field: str) -> list[str]:
+        """Normalises the module-list fields to tuples and checks the fields layer methods
+        share (those the config has): ``r``, ``lora_alpha``, the dropout field, ``bias``,
+        ``layers_pattern``, ``task_type``. Returns the problems found."""
+        from peftjax.tuners._base import TASK_TYPES, as_tuple
+        for name in ("target_modules", "exclude_modules", "layers_to_transform",
+                     "layers_pattern", "modules_to_save"):
+            if hasattr(self, name):
+                object.__setattr__(self, name, as_tuple(getattr(self, name)))
+        problems = []
+        if hasattr(self, "r") and (not isinstance(self.r, int) or self.r <= 0):
+            problems.append(f"r={self.r!r} must be a positive integer")
+        if hasattr(self, "lora_alpha") and not self.lora_alpha > 0:
+            problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0")
+        rate = getattr(self, dropout_field)
+        if not 0.0 <= rate < 1.0:
+            problems.append(f"{dropout_field}={rate!r} must be in [0, 1)")
+        if self.bias not in self.bias_modes:
+            problems.append(f"bias={self.bias!r} must be one of {self.bias_modes}")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            problems.append("layers_pattern only applies together with layers_to_transform")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
+        return problems
 
     def call(self, peft_model, args, kwargs):
         with dropout_rng(fold_key(kwargs.get("dropout_rng"), -100)):

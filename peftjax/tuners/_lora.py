@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, dropout, param_value
-from peftjax.tuners._base import PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
+from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig, register
 from peftjax.tuners._layer import (AdaptedLayer, HostValues, LayerMethod, adapted_layers,
                                    site_key, wrap)
 from peftjax.tuners._targets import find_targets, get_submodule, pattern_key
@@ -248,6 +248,7 @@ class LoraConfig(LayerMethod, TunerConfig):
     method = "lora"
     peft_type = "LORA"
     layer_mixin = LoraMixin
+    bias_modes = BIAS_MODES
 
     @property
     def combinable(self) -> bool:
@@ -260,23 +261,10 @@ class LoraConfig(LayerMethod, TunerConfig):
         "monteclora_config", "velora_config", "runtime_config"}
 
     def __post_init__(self):
-        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                     "modules_to_save"):
-            object.__setattr__(self, name, as_tuple(getattr(self, name)))
-        problems = []
-        if not isinstance(self.r, int) or self.r <= 0:
-            problems.append(f"r={self.r!r} must be a positive integer")
-        if not self.lora_alpha > 0:
-            problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            problems.append(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if self.bias not in BIAS_MODES:
-            problems.append(f"bias={self.bias!r} must be one of {BIAS_MODES}")
+        problems = self.shared_problems("lora_dropout")
         if self.init_lora_weights not in (True, False, "gaussian"):
             problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False or "
                             "'gaussian' (other PEFT initialisations are not implemented)")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
         for name in ("use_dora", "lora_fa"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False")
@@ -286,8 +274,6 @@ class LoraConfig(LayerMethod, TunerConfig):
         for key, a in self.alpha_pattern.items():
             if not a > 0:
                 problems.append(f"alpha_pattern[{key!r}]={a!r} must be > 0")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            problems.append("layers_pattern only applies together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             problems.append("layers_to_transform cannot be combined with a regex target_modules "
                             "(as in PEFT); put the layer indices into the regex")

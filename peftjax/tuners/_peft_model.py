@@ -118,7 +118,7 @@ class PeftModel(nnx.Module):
         under ``adapter_name``, loading strictly (on a mismatch nothing changes)."""
         from peftjax.tuners._io import fill_adapter, read_config, stored_weights
         config = read_config(directory)
-        stored, weights_path = stored_weights(directory)
+        stored, weights_path = stored_weights(directory, config)
         self.add_adapter(adapter_name, config.for_loading(), rngs=nnx.Rngs(0))
         try:
             with self._using(adapter_name):

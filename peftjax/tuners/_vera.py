@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import dropout, param_value
-from peftjax.tuners._base import PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
+from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig, register
 from peftjax.tuners._layer import AdaptedLayer, LayerMethod, adapted_layers, site_key, wrap
 from peftjax.tuners._targets import find_targets, get_submodule
 
@@ -66,7 +66,28 @@ class SharedProjections(nnx.Module):
         self.vera_B = Projection(B_OxR)
 
 
-class VeraVectors(nnx.Module):
+class ScaledSharedFactors(nnx.Module):
+    """One adapter's per-layer part of a method built on factors shared between layers (VeRA,
+    Tied-LoRA): ``delta W = scaling * (b * B) (d * A)`` with the shared ``A`` [r, in] and ``B``
+    [out, r] and this layer's vectors ``d`` [r] and ``b`` [out]. Subclasses name the vectors
+    (``scales``) and say how the layer's factors come out of the shared ones (``factors``)."""
+
+    scaling: float = 1.0
+
+    def factors(self, in_features: int, out_features: int) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def scales(self) -> tuple[jax.Array, jax.Array]:
+        """``(d [r], b [out])``."""
+        raise NotImplementedError
+
+    def delta_IxO(self, in_features: int, out_features: int) -> jax.Array:
+        A, B = self.factors(in_features, out_features)
+        d, b = self.scales()
+        return ((b[:, None] * B) @ (d[:, None] * A)).T * self.scaling
+
+
+class VeraVectors(ScaledSharedFactors):
     """One adapter's vectors in one layer, and a reference to its shared projections."""
 
     def __init__(self, layer, shared: SharedProjections, *, r: int, dropout: float,
@@ -86,21 +107,18 @@ class VeraVectors(nnx.Module):
         return (param_value(self.shared.vera_A)[:, :in_features],
                 param_value(self.shared.vera_B)[:out_features, :])
 
-    def delta_IxO(self, in_features: int, out_features: int) -> jax.Array:
-        A, B = self.factors(in_features, out_features)
-        lb, ld = param_value(self.vera_lambda_b), param_value(self.vera_lambda_d)
-        return ((lb[:, None] * B) @ (ld[:, None] * A)).T
+    def scales(self) -> tuple[jax.Array, jax.Array]:
+        return param_value(self.vera_lambda_d), param_value(self.vera_lambda_b)
 
 
-class VeraMixin(AdaptedLayer):
-    """Named VeRA adapters on a linear layer: ``vera[name]``."""
-
-    store = "vera"
+class ScaledSharedMixin(AdaptedLayer):
+    """An adapted linear layer applying :class:`ScaledSharedFactors` adapters, with dropout
+    on the input as LoRA: ``y = x W + b + s * b_vec * ((d_vec * (dropout(x) A^T)) B^T)``."""
 
     def _delta(self, names):
         out = jnp.zeros((self.in_features, self.out_features), jnp.float32)
         for n in names:
-            out = out + self.vera[n].delta_IxO(self.in_features, self.out_features)
+            out = out + self.adapters[n].delta_IxO(self.in_features, self.out_features)
         return out
 
     def fold(self, kernel_IxO, bias_O, names):
@@ -115,9 +133,16 @@ class VeraMixin(AdaptedLayer):
         for v in self.applied():
             h = dropout(x, v.dropout_rate, site_key(v.site)).astype(dt)
             A, B = v.factors(self.in_features, self.out_features)
-            t = jnp.dot(h, A.T.astype(dt)) * param_value(v.vera_lambda_d).astype(dt)
-            y = y + jnp.dot(t, B.T.astype(dt)) * param_value(v.vera_lambda_b).astype(dt)
+            d, b = v.scales()
+            t = jnp.dot(h, A.T.astype(dt)) * d.astype(dt)
+            y = y + jnp.dot(t, B.T.astype(dt)) * (b * v.scaling).astype(dt)
         return y
+
+
+class VeraMixin(ScaledSharedMixin):
+    """Named VeRA adapters on a linear layer: ``vera[name]``."""
+
+    store = "vera"
 
 
 @register
@@ -151,27 +176,15 @@ class VeraConfig(LayerMethod, TunerConfig):
     method = "vera"
     peft_type = "VERA"
     layer_mixin = VeraMixin
+    bias_modes = BIAS_MODES
 
     def __post_init__(self):
-        for name in ("target_modules", "exclude_modules", "layers_to_transform",
-                     "layers_pattern", "modules_to_save"):
-            object.__setattr__(self, name, as_tuple(getattr(self, name)))
-        problems = []
-        if not isinstance(self.r, int) or self.r <= 0:
-            problems.append(f"r={self.r!r} must be a positive integer")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            problems.append(f"vera_dropout={self.vera_dropout!r} must be in [0, 1)")
-        if self.bias not in BIAS_MODES:
-            problems.append(f"bias={self.bias!r} must be one of {BIAS_MODES}")
+        problems = self.shared_problems("vera_dropout")
         if not self.save_projection:
             problems.append("save_projection=False: the shared matrices would have to be "
                             "regenerated from projection_prng_key with torch's generator, which "
                             "peftjax does not reproduce; keep save_projection=True (PEFT's "
                             "default) so the file holds them")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            problems.append("layers_pattern only applies together with layers_to_transform")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
         if problems:
             raise ValueError("invalid VeraConfig: " + "; ".join(problems) + ".")
 

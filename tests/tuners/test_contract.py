@@ -18,8 +18,9 @@ import optax
 import pytest
 from flax import nnx
 
-from peftjax import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig,
-                     PromptTuningConfig, VeraConfig, get_peft_model)
+from peftjax import (AdaptionPromptConfig, BottleneckConfig, IA3Config, LoraConfig, PeftModel,
+                     PrefixTuningConfig, PromptTuningConfig, TiedLoraConfig, VeraConfig,
+                     get_peft_model)
 from peftjax.models import from_pretrained
 from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, set_remat, split_model
 from peftjax.tuners import AdapterParam, registered
@@ -36,6 +37,8 @@ CONTRACT = {
     "adaption_prompt": (AdaptionPromptConfig(adapter_len=3, adapter_layers=2), True),
     "ia3": (IA3Config(), True),  # PEFT's default targets; vectors start at one
     "vera": (VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]), True),
+    "bottleneck": (BottleneckConfig(architecture="houlsby", reduction_factor=16), True),
+    "tied_lora": (TiedLoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), True),
     # variants of a method: "method+variant"
     "lora+dora": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                              use_dora=True), 2e-5),  # m / n is 1 up to float32 rounding

@@ -139,15 +139,17 @@ class QuantizedLinear(Linear):
 
     @classmethod
     def from_linear(cls, layer: Linear, *, quant_type="nf4", blocksize=64, double_quant=True,
-                    compute_dtype=None, offset_threads=1) -> QuantizedLinear:
-        """Quantizes a float ``Linear``/``Conv1D`` (its bias stays in full precision)."""
+                    compute_dtype=None, offset_threads=1, quantized=None) -> QuantizedLinear:
+        """Quantizes a float ``Linear``/``Conv1D`` (its bias stays in full precision);
+        ``quantized=(packed, state)`` takes a weight quantized elsewhere (LoftQ) instead."""
         kernel_IxO = param_value(layer.kernel)
         q = nnx.eval_shape(lambda: cls(
             layer.in_features, layer.out_features, use_bias=layer.bias is not None,
             axes=layer.weight_axes, dtype=compute_dtype or layer.dtype, quant_type=quant_type,
             blocksize=blocksize, double_quant=double_quant, weight_dtype=kernel_IxO.dtype))
-        packed, state = quantize_4bit(kernel_IxO.T, quant_type=quant_type, blocksize=blocksize,
-                                      double_quant=double_quant, offset_threads=offset_threads)
+        packed, state = quantized or quantize_4bit(
+            kernel_IxO.T, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+            offset_threads=offset_threads)
         q.set_quantized(packed, state)
         if layer.bias is not None:
             q.bias = layer.bias

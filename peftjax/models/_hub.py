@@ -43,6 +43,14 @@ def gguf_to_hf(gguf_path: str, *, cache_dir: str | None = None) -> str:
     out = os.path.join(root, os.path.splitext(os.path.basename(gguf_path))[0])
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out
+    from peftjax._files import cache_lock
+    with cache_lock(out + ".lock"):  # another process may be converting it right now
+        if os.path.isfile(os.path.join(out, "model.safetensors")):
+            return out
+        return _convert_gguf(gguf_path, out)
+
+
+def _convert_gguf(gguf_path: str, out: str) -> str:
     try:
         import torch
         import transformers as T

@@ -46,6 +46,28 @@ def test_vader_movie_reviews_split_and_labels(tmp_path):
         prepare_vader("films")
 
 
+def test_two_processes_prepare_one_cache(tmp_path):
+    """Two processes preparing the same corpus at once (test workers, the hosts of a run) take
+    turns through a file lock: both get complete files, equal to a single preparation."""
+    import glob
+    import shutil
+    import subprocess
+    import sys
+    paths = prepare_vader("movie_reviews")
+    sdist = glob.glob(os.path.join(os.path.dirname(os.path.dirname(paths["train"])),
+                                   "*ader*entiment-*.tar.gz"))[0]
+    shutil.copy(sdist, tmp_path)
+    code = ("import sys; from peftjax.data import prepare_vader; "
+            "print(prepare_vader('movie_reviews', cache_dir=sys.argv[1])['test'])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
+    for k in paths:
+        assert open(paths[k]).read() == open(os.path.join(tmp_path, "movie_reviews",
+                                                           f"{k}.jsonl")).read()
+
+
 def test_classification_tokens_and_labels(bert_tok, tmp_path):
     rows = [{"text": "A gorgeous, witty film.", "label": "pos"},
             {"text": "dull " * 100, "label": "neg"}]

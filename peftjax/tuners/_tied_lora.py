@@ -74,9 +74,10 @@ class TiedVectors(ScaledSharedFactors):
     to its module type's shared factors."""
 
     def __init__(self, shared: SharedFactors, u: jax.Array, v: jax.Array, *, scaling: float,
-                 dropout: float, site: int, out_axis):
+                 dropout: float, site: int, out_axis, factors_train: bool):
         self.shared = shared
         self.scaling, self.dropout_rate, self.site = float(scaling), float(dropout), site
+        self.factors_train = factors_train
         self.tied_lora_u = TiedLoraParam(u, axes=("lora_rank",))
         self.tied_lora_v = TiedLoraParam(v, axes=(out_axis,))
 
@@ -218,7 +219,8 @@ class TiedLoraConfig(LayerMethod, TunerConfig):
                 v = jnp.zeros((out_f,)) if "v" in train else jnp.ones((out_f,))
             vectors = TiedVectors(shared[module_type(name)], jnp.ones((config.r,)), v,
                                   scaling=config.scaling, dropout=config.lora_dropout, site=site,
-                                  out_axis=layer.weight_axes[1])
+                                  out_axis=layer.weight_axes[1],
+                                  factors_train=bool(train & {"A", "B"}))
             for part, var in (("u", vectors.tied_lora_u), ("v", vectors.tied_lora_v)):
                 if part not in train:
                     var.set_metadata("frozen", True)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, written atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -169,6 +169,11 @@ def join_residual(block: nnx.Module, site: str, h: Array, x: Array, norm=None) -
     hook = getattr(block, site, None)
     if hook is not None:
         return hook(h, x, norm)
+    return add_residual(h, x, norm)
+
+
+def add_residual(h: Array, x: Array, norm=None) -> Array:
+    """The plain join: ``x + h``, or ``norm(h + x)`` for a post-norm block."""
     return x + h if norm is None else norm(h + x)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from peftjax._files import write_json
 from peftjax.models import bert, gemma, gpt2, llama
 from peftjax.models._config import UnsupportedConfigError
 from peftjax.models._hub import resolve_model_dir
@@ -440,7 +441,7 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
             save_file(shard, os.path.join(directory, name))
             weight_map.update({k: name for k in shard})
         total = sum(a.nbytes for a in tensors.values())
-        _write_json(os.path.join(directory, "model.safetensors.index.json"),
+        write_json(os.path.join(directory, "model.safetensors.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
     config = dict(cfg.hf_config)
     config["architectures"] = [architecture_name(cfg.model_type, task)]
@@ -458,11 +459,6 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
         if len(labels) != cfg.num_labels:
             config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
             config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
-    _write_json(os.path.join(directory, "config.json"), config)
+    write_json(os.path.join(directory, "config.json"), config)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)

@@ -23,18 +23,11 @@ def low_rank(m_OxI: jnp.ndarray, rank: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     return u[:, :rank] * root[None, :], root[:, None] * vh[:rank]
 
 
-def loftq(w_OxI, *, rank: int, iters: int = 1, bits: int = 4, quant_type: str = "nf4",
+def loftq(w_OxI, *, rank: int, iters: int = 1, quant_type: str = "nf4",
           blocksize: int = 64) -> tuple[jnp.ndarray, QuantState, jnp.ndarray, jnp.ndarray]:
-    """LoftQ for one weight [out, in]: ``(packed, state, L [out, r], R [r, in])`` with
-    ``dequant(packed, state) + L R`` close to ``w`` (float32 factors; the quantized weight keeps
-    ``w``'s dtype as its original dtype)."""
-    if bits != 4:
-        raise ValueError(f"loftq_bits={bits!r}: peftjax stores frozen weights in 4 bits (NF4/FP4) "
-                         "only; use loftq_bits=4 (PEFT's 8-bit LoftQ uses bitsandbytes' int8 "
-                         "format, not implemented here)")
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"loftq_iter={iters!r} must be an integer >= 1")
-    dtype = jnp.dtype(w_OxI.dtype)
+    """LoftQ for one weight [out, in] (``iters`` >= 1; ``LoraConfig`` checks its options):
+    ``(packed, state, L [out, r], R [r, in])`` with ``dequant(packed, state) + L R`` close to
+    ``w`` (float32 factors; the quantized weight keeps ``w``'s dtype as its original dtype)."""
     w = jnp.asarray(w_OxI, jnp.float32)
     residual = w
     for i in range(iters):
@@ -43,6 +36,4 @@ def loftq(w_OxI, *, rank: int, iters: int = 1, bits: int = 4, quant_type: str = 
         left, right = low_rank(w - dequantize_4bit(packed, state, jnp.float32), rank)
         if i + 1 < iters:
             residual = w - left @ right
-    state = QuantState(absmax=state.absmax, nested_absmax=None, offset=None, nested_code=None,
-                       shape=state.shape, dtype=dtype, quant_type=quant_type, blocksize=blocksize)
-    return packed, state, left, right
+    return packed, state.replace(dtype=jnp.dtype(w_OxI.dtype)), left, right

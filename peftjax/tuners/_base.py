@@ -31,8 +31,9 @@ Hooks (defaults in :class:`TunerConfig`):
   ``combinable``: whether several adapters can be active at once (their effects add up).
 
 File layout (PEFT's by default; a method whose ecosystem has another format overrides them):
-``weight_files`` (the tensor files, the first one required) and ``weight_file(key)`` (which
-one holds a key), ``file_dict(peft_model)`` (the content of ``adapter_config.json``),
+``weight_files`` (the tensor files, the first one required), ``weight_fallbacks`` (PyTorch
+pickles read in their place), ``weight_file(key)`` (which one holds a key),
+``file_dict(peft_model)`` (the content of ``adapter_config.json``),
 ``extra_files(peft_model)`` (further JSON files), ``stored_key(key)`` (the form in which a stored
 key is matched against ``peft_entries``), ``claims(data)`` (a config file in a format other
 than PEFT's that the method reads).
@@ -132,6 +133,8 @@ class TunerConfig:
 
     # ------------------------------------------------------------------------ file layout
     weight_files: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)
+    # a weight file -> the PyTorch pickle the format's own tools write instead (read with torch)
+    weight_fallbacks: ClassVar[dict[str, str]] = {}
 
     def weight_file(self, key: str) -> str:
         return self.weight_files[0]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any
 
@@ -41,12 +42,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models._layers import ACTIVATIONS, dropout, param_value
-from peftjax.models._layers import fold as fold_key
+from peftjax.models._layers import ACTIVATIONS, add_residual, dropout, param_value
 from peftjax.tuners._base import (TASK_TYPES, AdapterParam, TunerConfig, as_tuple, in_modules,
                                   register)
-from peftjax.tuners._layer import dropout_rng, site_key
-from peftjax.tuners._targets import named_modules
+from peftjax.tuners._layer import call_with_adapter_dropout, site_key
+from peftjax.tuners._targets import get_submodule, named_modules
 
 ARCHITECTURES = {  # AdapterHub's SeqBnConfig / DoubleSeqBnConfig defaults
     "pfeiffer": dict(mh_adapter=False, output_adapter=True, non_linearity="relu",
@@ -61,23 +61,18 @@ _MUST_BE = {"is_parallel": (False,), "use_gating": (False,), "phm_layer": (False
             "inv_adapter": (None,), "ln_before": (False,), "ln_after": (False,),
             "cross_adapter": (False,), "stochastic_depth": (0, 0.0)}
 _HARMLESS = {  # only matter with the features above, or only for initial values
-    "inv_adapter_reduction_factor", "init_weights_seed", "factorized_phm_W", "shared_W_phm",
+    "adapter_residual_before_ln", "inv_adapter_reduction_factor", "init_weights_seed",
+    "factorized_phm_W", "shared_W_phm",
     "shared_phm_rule", "factorized_phm_rule", "phm_c_init", "phm_init_range", "learn_phm",
     "hypercomplex_nonlinearity", "phm_rank", "phm_bias", "phm_dim", "architecture"}
-_ACT = {"relu": "relu", "swish": "swish", "silu": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-        "gelu_fast": "gelu_fast", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "tanh": "tanh",
-        "sigmoid": "sigmoid", "leakyrelu": "leakyrelu"}
-_EXTRA_ACT = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
-              "leakyrelu": lambda x: jax.nn.leaky_relu(x, 0.01)}
+# the models' activations plus the other names AdapterHub accepts
+_ACT = {**ACTIVATIONS, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
+        "leakyrelu": lambda x: jax.nn.leaky_relu(x, 0.01)}
 VERSION = "adapters.1.3.0"  # the AdapterHub format version the files are written as
 
 
 class BottleneckParam(AdapterParam):
     """A bottleneck adapter's projections (and a learned scaling)."""
-
-
-def _activation(name: str):
-    return ACTIVATIONS.get(name) or _EXTRA_ACT[name]
 
 
 class BottleneckAdapter(nnx.Module):
@@ -128,7 +123,7 @@ class BottleneckAdapter(nnx.Module):
             residual = z
         t = jnp.dot(z, param_value(self.down_kernel).astype(dt)) + param_value(
             self.down_bias).astype(dt)
-        t = _activation(self.act)(t)
+        t = _ACT[self.act](t)
         up = jnp.dot(t, param_value(self.up_kernel).astype(dt)) + param_value(
             self.up_bias).astype(dt)
         s = self.scaling if isinstance(self.scaling, float) else param_value(self.scaling)
@@ -149,7 +144,7 @@ class BottleneckSite(nnx.Module):
 
     def __call__(self, h, x, norm):
         if not self.active:
-            return x + h if norm is None else norm(h + x)
+            return add_residual(h, x, norm)
         return self.adapters[self.active[0]](h, x, norm)
 
 
@@ -214,7 +209,6 @@ class BottleneckConfig(TunerConfig):
     original_ln_before: bool | None = None
     original_ln_after: bool = True
     residual_before_ln: Any = True
-    adapter_residual_before_ln: bool = False
     init_weights: str = "mam_adapter"
     scaling: Any = 1.0
     dropout: float = 0.0
@@ -228,6 +222,9 @@ class BottleneckConfig(TunerConfig):
     merge_reason = ("a bottleneck adapter is a nonlinear module between layers, not a change "
                     "of a weight.")
     weight_files = ("adapter.safetensors", "model_head.safetensors")
+    # what AdapterHub writes by default instead (PyTorch pickles)
+    weight_fallbacks = {"adapter.safetensors": "pytorch_adapter.bin",
+                        "model_head.safetensors": "pytorch_model_head.bin"}
 
     def __post_init__(self):
         problems = []
@@ -270,9 +267,6 @@ class BottleneckConfig(TunerConfig):
             problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
         if problems:
             raise ValueError("invalid BottleneckConfig: " + "; ".join(problems) + ".")
-
-    def __hash__(self):
-        return TunerConfig.__hash__(self)
 
     def down_size(self, hidden: int, layer: int) -> int:
         """AdapterHub's bottleneck size: ``int(hidden // reduction_factor)``, at least 1."""
@@ -321,17 +315,16 @@ class BottleneckConfig(TunerConfig):
                 del site.adapters[adapter_name]
                 site.active = tuple(n for n in site.active if n != adapter_name)
                 if not len(site.adapters):
-                    delattr(_block(model, name), attr)
+                    delattr(get_submodule(model, name), attr)
 
     def unload(self, peft_model):
         model = peft_model.base_model
         for name, _, attr, _ in _sites(model):
-            delattr(_block(model, name), attr)
+            delattr(get_submodule(model, name), attr)
         return model
 
     def call(self, peft_model, args, kwargs):
-        with dropout_rng(fold_key(kwargs.get("dropout_rng"), -100)):
-            return peft_model.base_model(*args, **kwargs)
+        return call_with_adapter_dropout(peft_model, args, kwargs)
 
     def trains(self, path, var, peft_model) -> bool:
         return in_modules(path, var, self.modules_to_save)
@@ -381,13 +374,11 @@ class BottleneckConfig(TunerConfig):
         model = peft_model.base_model
         cfg = {k: getattr(self, k) for k in (
             "mh_adapter", "output_adapter", "reduction_factor", "non_linearity",
-            "original_ln_before", "original_ln_after", "residual_before_ln",
-            "adapter_residual_before_ln", "init_weights", "scaling", "dropout")}
-        cfg.update({"leave_out": list(self.leave_out), "ln_before": False, "ln_after": False,
-                    "is_parallel": False, "use_gating": False, "phm_layer": False,
-                    "inv_adapter": None, "inv_adapter_reduction_factor": None,
-                    "cross_adapter": False,
-                    "init_weights_seed": None, "stochastic_depth": 0.0})
+            "original_ln_before", "original_ln_after", "residual_before_ln", "init_weights",
+            "scaling", "dropout")}
+        cfg.update({k: ok[0] for k, ok in _MUST_BE.items()}, leave_out=list(self.leave_out),
+                   adapter_residual_before_ln=False, inv_adapter_reduction_factor=None,
+                   init_weights_seed=None)
         return {"config": cfg, "hidden_size": model.config.hidden_size,
                 "model_class": _model_class(model),
                 "model_name": self.base_model_name_or_path or "",
@@ -445,21 +436,9 @@ class BottleneckConfig(TunerConfig):
             kw["init_weights"] = "mam_adapter"  # initial values only; weights are loaded
         kw["architecture"] = ours.get("architecture") or (
             "houlsby" if c.get("mh_adapter") else "pfeiffer")
-        import os
         head = ours.get("modules_to_save") or _head_modules(os.path.dirname(path))
         return cls(**kw, modules_to_save=head, task_type=ours.get("task_type"),
                    base_model_name_or_path=data.get("model_name") or None)
-
-    def for_loading(self) -> BottleneckConfig:
-        return self
-
-    def resolved(self, model) -> BottleneckConfig:
-        return self
-
-
-def _block(model, name: str):
-    from peftjax.tuners._targets import get_submodule
-    return get_submodule(model, name)
 
 
 def _model_class(model) -> str:
@@ -474,13 +453,8 @@ def _model_class(model) -> str:
 def _head_modules(directory: str) -> tuple[str, ...] | None:
     """The modules an AdapterHub head file in ``directory`` holds (``classifier``, ``score``,
     ``lm_head``), None without one."""
-    import os
-    for name in ("model_head.safetensors", "pytorch_model_head.bin"):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            from peftjax.tuners._io import stored_weights
-            stored, _ = stored_weights(directory, BottleneckConfig())
-            heads = {k.rsplit(".", 1)[0] for k in stored
-                     if ".adapters." not in k and not k.startswith("lm_head.")}
-            return tuple(sorted(heads)) or None
-    return None
+    from peftjax.tuners._io import stored_weights
+    stored, _ = stored_weights(directory, BottleneckConfig())
+    heads = {k.rsplit(".", 1)[0] for k in stored
+             if ".adapters." not in k and not k.startswith("lm_head.")}
+    return tuple(sorted(heads)) or None

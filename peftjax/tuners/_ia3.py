@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.tuners._base import PREFIX, TASK_TYPES, AdapterParam, TunerConfig, as_tuple, register
+from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig, register
 from peftjax.tuners._layer import AdaptedLayer, LayerMethod, adapted_layers, wrap
 from peftjax.tuners._targets import find_targets, get_submodule
 
@@ -144,36 +144,21 @@ class IA3Config(LayerMethod, TunerConfig):
     layer_mixin = IA3Mixin
 
     def __post_init__(self):
-        for name in ("target_modules", "exclude_modules", "feedforward_modules",
-                     "modules_to_save"):
-            object.__setattr__(self, name, as_tuple(getattr(self, name)))
-        problems = []
+        problems = self.shared_problems()
         t, f = self.target_modules, self.feedforward_modules
         if isinstance(t, tuple) and isinstance(f, tuple) and not set(f) <= set(t):
             problems.append(f"feedforward_modules {sorted(set(f) - set(t))} are not in "
                             f"target_modules {list(t)} (they must be a subset, as in PEFT)")
         if not isinstance(self.init_ia3_weights, bool):
             problems.append(f"init_ia3_weights={self.init_ia3_weights!r} must be True or False")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
         if problems:
             raise ValueError("invalid IA3Config: " + "; ".join(problems) + ".")
 
     def resolved(self, model) -> IA3Config:
         """Fills ``target_modules`` / ``feedforward_modules`` with PEFT's defaults for the
         architecture (and ``fan_in_fan_out`` for GPT-2's Conv1D layers, as PEFT sets it)."""
-        kind = model.config.model_type
-        filled = {}
-        for field, table in (("target_modules", DEFAULT_IA3_TARGETS),
-                             ("feedforward_modules", DEFAULT_IA3_FEEDFORWARD)):
-            if getattr(self, field) is None:
-                if kind not in table:
-                    raise ValueError(f"no default {field} for model_type={kind!r}; pass "
-                                     f"{field} explicitly.")
-                filled[field] = table[kind]
-        if kind == "gpt2":
-            filled["fan_in_fan_out"] = True
-        return dataclasses.replace(self, **filled) if filled else self
+        return self.with_model_defaults(model, target_modules=DEFAULT_IA3_TARGETS,
+                                        feedforward_modules=DEFAULT_IA3_FEEDFORWARD)
 
     def is_feedforward(self, name: str) -> bool:
         ff = self.feedforward_modules

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax._files import write_json
 from peftjax.models._safetensors import CheckpointError, SafetensorsFile, save_file
 from peftjax.tuners._base import TunerConfig, config_for_file
 from peftjax.tuners._peft_model import PeftModel, get_peft_model
@@ -35,13 +36,6 @@ def adapter_tensors(model: PeftModel) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _write_json(data: dict, path: str) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: PeftModel, directory: str) -> None:
     """Writes ``model``'s active adapter in its method's format (PEFT's unless the method has
     another); every file is written atomically."""
@@ -56,8 +50,8 @@ def save_adapter(model: PeftModel, directory: str) -> None:
         elif os.path.exists(os.path.join(directory, name)):
             os.remove(os.path.join(directory, name))  # a stale file from an earlier save
     for name, data in config.extra_files(model).items():
-        _write_json(data, os.path.join(directory, name))
-    _write_json(config.file_dict(model), os.path.join(directory, CONFIG_FILE))
+        write_json(os.path.join(directory, name), data)
+    write_json(os.path.join(directory, CONFIG_FILE), config.file_dict(model))
 
 
 def read_config(directory: str) -> TunerConfig:
@@ -130,21 +124,18 @@ class StoredTensors(Mapping):
         return len(self._where)
 
 
-# PyTorch-pickle files a format's tools write instead of its safetensors files
-_TORCH_FALLBACK = {"adapter.safetensors": "pytorch_adapter.bin",
-                   "model_head.safetensors": "pytorch_model_head.bin"}
-
-
 def stored_weights(directory: str, config: TunerConfig | None = None) -> tuple[StoredTensors, str]:
     """The adapter's tensors in ``directory`` (opened lazily) and the main file's path."""
-    names = (config or TunerConfig).weight_files
+    config = config or TunerConfig
+    names = config.weight_files
     files = []
     for i, name in enumerate(names):
         path = os.path.join(directory, name)
-        fallback = os.path.join(directory, _TORCH_FALLBACK.get(name, "-"))
+        fallback = config.weight_fallbacks.get(name)
+        fallback = fallback and os.path.join(directory, fallback)
         if os.path.isfile(path):
             files.append(SafetensorsFile(path))
-        elif os.path.isfile(fallback):
+        elif fallback and os.path.isfile(fallback):
             files.append(_TorchFile(fallback))
         elif i == 0:
             raise CheckpointError(f"{directory}: no {name} (adapter_model.bin is not read; "

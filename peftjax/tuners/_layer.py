@@ -14,6 +14,7 @@ unloading are here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import functools
 from typing import ClassVar
@@ -178,6 +179,13 @@ def wrap(model, name: str, layer, mixin: type):
     return new
 
 
+def call_with_adapter_dropout(peft_model, args, kwargs):
+    """The model call of methods whose modules sit inside the model (layer methods, bottleneck
+    adapters): their dropout keys derive from the call's ``dropout_rng``."""
+    with dropout_rng(fold_key(kwargs.get("dropout_rng"), -100)):
+        return peft_model.base_model(*args, **kwargs)
+
+
 class LayerMethod:
     """Tuner hooks for methods whose adapters live in adapted layers (mix into the config
     class before ``TunerConfig``); ``layer_mixin`` is the method's :class:`AdaptedLayer`."""
@@ -187,13 +195,13 @@ class LayerMethod:
     combinable: ClassVar[bool] = True
     bias_modes: ClassVar[tuple] = ("none", "all")
 
-    def shared_problems(self, dropout_field: str) -> list[str]:
+    def shared_problems(self, dropout_field: str | None = None) -> list[str]:
         """Normalises the module-list fields to tuples and checks the fields layer methods
         share (those the config has): ``r``, ``lora_alpha``, the dropout field, ``bias``,
         ``layers_pattern``, ``task_type``. Returns the problems found."""
         from peftjax.tuners._base import TASK_TYPES, as_tuple
-        for name in ("target_modules", "exclude_modules", "layers_to_transform",
-                     "layers_pattern", "modules_to_save"):
+        for name in ("target_modules", "exclude_modules", "feedforward_modules",
+                     "layers_to_transform", "layers_pattern", "modules_to_save"):
             if hasattr(self, name):
                 object.__setattr__(self, name, as_tuple(getattr(self, name)))
         problems = []
@@ -201,20 +209,36 @@ class LayerMethod:
             problems.append(f"r={self.r!r} must be a positive integer")
         if hasattr(self, "lora_alpha") and not self.lora_alpha > 0:
             problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0")
-        rate = getattr(self, dropout_field)
-        if not 0.0 <= rate < 1.0:
-            problems.append(f"{dropout_field}={rate!r} must be in [0, 1)")
-        if self.bias not in self.bias_modes:
+        if dropout_field is not None:
+            rate = getattr(self, dropout_field)
+            if not 0.0 <= rate < 1.0:
+                problems.append(f"{dropout_field}={rate!r} must be in [0, 1)")
+        if hasattr(self, "bias") and self.bias not in self.bias_modes:
             problems.append(f"bias={self.bias!r} must be one of {self.bias_modes}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
+        if getattr(self, "layers_pattern", None) is not None and self.layers_to_transform is None:
             problems.append("layers_pattern only applies together with layers_to_transform")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r} must be one of {TASK_TYPES}")
         return problems
 
+    def with_model_defaults(self, model, **tables):
+        """The config with each field named in ``tables`` (``target_modules=
+        {model_type: default}``) filled from its table where it is None, and
+        ``fan_in_fan_out`` set for GPT-2's Conv1D layers, as PEFT does."""
+        kind = model.config.model_type
+        filled = {}
+        for field, table in tables.items():
+            if getattr(self, field) is None:
+                if kind not in table:
+                    raise ValueError(f"no default {field} for model_type={kind!r}; pass "
+                                     f"{field} explicitly.")
+                filled[field] = table[kind]
+        if kind == "gpt2" and hasattr(self, "fan_in_fan_out"):
+            filled["fan_in_fan_out"] = True
+        return dataclasses.replace(self, **filled) if filled else self
+
     def call(self, peft_model, args, kwargs):
-        with dropout_rng(fold_key(kwargs.get("dropout_rng"), -100)):
-            return peft_model.base_model(*args, **kwargs)
+        return call_with_adapter_dropout(peft_model, args, kwargs)
 
     def base_entries(self, peft_model) -> dict:
         """PEFT key -> (variable, transposed) for the trained base weights: under their Hugging

@@ -316,13 +316,7 @@ class LoraConfig(LayerMethod, TunerConfig):
         """Gives every targeted linear layer factors named ``adapter_name`` (wrapping it in its
         LoRA class first, in place). ``target_modules`` None means PEFT's per-architecture
         default; no match raises, listing the names."""
-        config = self
-        if config.target_modules is None:
-            model_type = model.config.model_type
-            if model_type not in DEFAULT_LORA_TARGETS:
-                raise ValueError(f"no default target_modules for model_type={model_type!r}; pass "
-                                 "target_modules explicitly.")
-            config = dataclasses.replace(config, target_modules=DEFAULT_LORA_TARGETS[model_type])
+        config = self.with_model_defaults(model, target_modules=DEFAULT_LORA_TARGETS)
         for site, name in enumerate(find_targets(model, config)):
             r, alpha = config.rank_alpha(name)
             factors = None
@@ -349,9 +343,9 @@ class LoraConfig(LayerMethod, TunerConfig):
             raise ValueError(f"init_lora_weights='loftq' needs the float weight of {name}, but "
                              "it is already 4-bit or adapted: load the model unquantized; LoftQ "
                              "quantizes the targeted layers itself")
-        cfg = {"loftq_bits": 4, "loftq_iter": 1, **self.loftq_config}
+        cfg = {"loftq_iter": 1, **self.loftq_config}  # loftq_bits: 4 (checked)
         packed, state, left, right = loftq(param_value(layer.kernel).T, rank=r,
-                                           iters=cfg["loftq_iter"], bits=cfg["loftq_bits"])
+                                           iters=cfg["loftq_iter"])
         set_submodule(model, name, QuantizedLinear.from_linear(
             layer, quant_type="nf4", blocksize=64, double_quant=False,
             quantized=(packed, state)))

@@ -30,7 +30,6 @@ layer ``base_model.model.<module>.tied_lora_u`` [r] / ``.tied_lora_v`` [out]. Fo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -160,16 +159,7 @@ class TiedLoraConfig(LayerMethod, TunerConfig):
         return self.lora_alpha / self.r
 
     def resolved(self, model) -> TiedLoraConfig:
-        kind = model.config.model_type
-        filled = {}
-        if self.target_modules is None:
-            if kind not in DEFAULT_LORA_TARGETS:
-                raise ValueError(f"no default target_modules for model_type={kind!r}; pass "
-                                 "target_modules explicitly.")
-            filled["target_modules"] = DEFAULT_LORA_TARGETS[kind]
-        if kind == "gpt2":
-            filled["fan_in_fan_out"] = True
-        return dataclasses.replace(self, **filled) if filled else self
+        return self.with_model_defaults(model, target_modules=DEFAULT_LORA_TARGETS)
 
     def parameter_count(self, shapes: dict[str, list[tuple[int, int]]]) -> int:
         """The closed form of the trainable count: ``shapes`` maps each module type to its
@@ -252,6 +242,8 @@ def save_as_lora(peft_model, directory: str) -> None:
     ``LoraConfig`` reproduce the adapter's outputs. Trained base weights (heads, biases) are
     written as they are."""
     from peftjax.models._safetensors import save_file
+    from peftjax._files import write_json
+    from peftjax.tuners._io import CONFIG_FILE, WEIGHTS_FILE
     from peftjax.tuners._lora import LoraConfig
     config = peft_model.peft_config
     if not isinstance(config, TiedLoraConfig):
@@ -277,8 +269,5 @@ def save_as_lora(peft_model, directory: str) -> None:
                       task_type=config.task_type,
                       base_model_name_or_path=config.base_model_name_or_path)
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
-    tmp = os.path.join(directory, f"adapter_config.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(lora.to_peft_dict(), f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, "adapter_config.json"))
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
+    write_json(os.path.join(directory, CONFIG_FILE), lora.to_peft_dict())

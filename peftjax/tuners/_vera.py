@@ -201,16 +201,7 @@ class VeraConfig(LayerMethod, TunerConfig):
             raise ValueError("invalid VeraConfig: " + "; ".join(problems) + ".")
 
     def resolved(self, model) -> VeraConfig:
-        kind = model.config.model_type
-        filled = {}
-        if self.target_modules is None:
-            if kind not in DEFAULT_VERA_TARGETS:
-                raise ValueError(f"no default target_modules for model_type={kind!r}; pass "
-                                 "target_modules explicitly.")
-            filled["target_modules"] = DEFAULT_VERA_TARGETS[kind]
-        if kind == "gpt2":
-            filled["fan_in_fan_out"] = True
-        return dataclasses.replace(self, **filled) if filled else self
+        return self.with_model_defaults(model, target_modules=DEFAULT_VERA_TARGETS)
 
     # ------------------------------------------------------------------------ tuner hooks
     def inject(self, model, *, rngs: nnx.Rngs, adapter_name: str = "default") -> dict:

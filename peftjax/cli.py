@@ -1,11 +1,12 @@
 """The ``peftjax`` command.
 
     peftjax train CONFIG.yaml [KEY=VALUE ...] [--dry-run]   train (or plan) a run
-    peftjax eval CONFIG.yaml [KEY=VALUE ...] [--split S] [--step N]
+    peftjax eval CONFIG.yaml [KEY=VALUE ...] [--split S] [--step N | --model DIR]
     peftjax export CONFIG.yaml [KEY=VALUE ...] --out DIR [--step N]   PEFT-format adapter
     peftjax memory CONFIG.yaml [KEY=VALUE ...] [--json FILE]   device memory of the train step
-    peftjax merge --model PATH --adapter DIR --out DIR [--dtype D] [--quantization nf4]
-                  [--save-4bit]                                merged HF checkpoint
+    peftjax merge --model PATH --adapter DIR --out DIR [--dtype D]
+                  [--quantization nf4|fp4|int4 [--blocksize N]] [--save-4bit]
+                                                               merged HF checkpoint
     peftjax generate --model PATH [--adapter DIR] [--chat] PROMPT ...
 
 Overrides use dotted keys: ``peftjax train cfg.yaml train.lr=1e-4 peft.r=16``.
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--model", default=None,
+                   help="evaluate this Hugging Face checkpoint (e.g. a merged model from "
+                   "`peftjax merge`) on the run's data instead of the run's checkpoint")
     p = sub.add_parser("export", help="write a run checkpoint as a PEFT-format adapter")
     _add_config(p)
     p.add_argument("--out", required=True, help="output directory")
@@ -54,17 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--task", default=None, help="model task (default: from the adapter/config)")
-    p.add_argument("--quantization", default=None, choices=["nf4", "fp4"],
-                   help="QLoRA adapter: load the base in this 4-bit format (as in training) and "
-                   "merge into its dequantized weights")
+    p.add_argument("--quantization", default=None, choices=["nf4", "fp4", "int4"],
+                   help="QLoRA / QA-LoRA adapter: load the base in this 4-bit format (as in "
+                   "training) and merge into its dequantized weights")
     p.add_argument("--blocksize", type=int, default=None,
-                   help="4-bit blocksize (default 64), with --quantization or --save-4bit")
+                   help="4-bit blocksize, the group size for int4 (default 64), with "
+                   "--quantization or --save-4bit")
     p.add_argument("--no-double-quant", action="store_true",
                    help="the 4-bit base was stored without double quantization")
     p.add_argument("--save-4bit", action="store_true",
                    help="store the merged layers in 4 bits again (--quantization's format, nf4 "
-                   "by default) and write a bitsandbytes 4-bit checkpoint; prints the "
-                   "quantization error this adds")
+                   "by default) and write a 4-bit checkpoint (bitsandbytes; GPTQ layout for "
+                   "int4); prints the quantization error this adds. A QA-LoRA adapter over "
+                   "int4 folds into the zero points exactly instead")
+    p.add_argument("--round-zeros", action="store_true",
+                   help="with --quantization int4 --save-4bit: round the zero points a QA-LoRA "
+                   "merge leaves to integers, for a standard GPTQ checkpoint any GPTQ runtime "
+                   "loads (prints the weight change this makes; without it the exact float zero "
+                   "points are kept in peftjax's variant of the layout)")
     p = sub.add_parser("generate", help="generate text with a model (and adapter)")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None)
@@ -95,7 +106,8 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from peftjax.train._run import evaluate_checkpoint
     cfg = _load(args)
-    result = evaluate_checkpoint(cfg, split=args.split, step=args.step, progress=not args.no_progress)
+    result = evaluate_checkpoint(cfg, split=args.split, step=args.step, model_dir=args.model,
+                                 progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -143,8 +155,11 @@ def _merge(args) -> int:
     if not (args.quantization or args.save_4bit) and (args.blocksize or args.no_double_quant):
         raise ValueError("--blocksize and --no-double-quant describe 4-bit storage: add "
                          "--quantization (a QLoRA base) or --save-4bit (a 4-bit merge)")
-    qcfg = QuantConfig(args.quantization or "nf4", not args.no_double_quant, args.dtype,
-                       args.blocksize or 64)
+    if args.round_zeros and not (args.save_4bit and args.quantization == "int4"):
+        raise ValueError("--round-zeros applies to INT4 merges: add --quantization int4 "
+                         "--save-4bit")
+    qcfg = QuantConfig(args.quantization or "nf4", False if args.no_double_quant else None,
+                       args.dtype, args.blocksize or 64)
     base = from_pretrained(args.model, task=task, dtype=args.dtype,
                            quantization=qcfg if args.quantization else None)
     peft = PeftModel.from_pretrained(base, args.adapter)
@@ -152,6 +167,14 @@ def _merge(args) -> int:
         merged, reports = merge_and_requantize(peft, qcfg, dtype=args.dtype)
         if reports:
             print(requantization_summary(reports, qcfg.quant_type))
+        if args.round_zeros:
+            from peftjax.quant import round_zero_points
+            rounded = round_zero_points(merged)
+            if rounded:
+                rel = sorted(r["rel_fro"] for r in rounded.values())
+                print(f"rounded the zero points of {len(rel)} layers to integers (standard "
+                      f"GPTQ): relative Frobenius change of the weights max {rel[-1]:.4f}, "
+                      f"mean {sum(rel) / len(rel):.4f}")
     else:
         merged = dequantize_model(peft.merge_and_unload(args.dtype), args.dtype)
     save_pretrained(merged, args.out)

@@ -320,13 +320,14 @@ class EvalSection:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationSection:
-    """4-bit storage of the frozen linear layers (QLoRA). ``quant_type``: ``nf4``, ``fp4`` or
-    null (off, the default). The other keys are :class:`peftjax.quant.QuantConfig`'s; a
+    """4-bit storage of the frozen linear layers (QLoRA). ``quant_type``: ``nf4``, ``fp4``,
+    ``int4`` (group-wise, GPTQ's format; ``blocksize`` is the group size) or null (off, the
+    default). The other keys are :class:`peftjax.quant.QuantConfig`'s; a
     transformers ``BitsAndBytesConfig`` name (``bnb_4bit_quant_type``, ...) is answered with
     the name to use."""
 
     quant_type: str | None = None
-    double_quant: bool = True
+    double_quant: bool | None = None
     compute_dtype: str = "bfloat16"
     blocksize: int = 64
     skip_modules: tuple[str, ...] | None = None

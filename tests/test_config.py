@@ -47,6 +47,7 @@ def test_unknown_section():
     ("train", "remat", "sometimes", "unknown remat policy"),
     ("peft", "r", 0, "r=0 must be a positive integer"),
     ("peft", "lora_dropout", 1.5, "lora_dropout=1.5 must be in [0, 1)"),
+    ("peft", "qalora_group_size", 0, "qalora_group_size=0 must be a positive integer"),
     ("peft", "method", "prefix", "must be one of"),
     ("data", "format", "csv", "must be one of"),
     ("data", "buckets", [64, 32], "increasing"),
@@ -57,6 +58,17 @@ def test_bad_values_name_the_accepted_range(section, key, value, expect):
     with pytest.raises(ConfigError) as e:
         config_from_dict(minimal(**{section: {key: value}}))
     assert expect in str(e.value) and section in str(e.value), str(e.value)
+
+
+def test_quantization_section_int4():
+    cfg = config_from_dict(minimal(quantization={"quant_type": "int4", "blocksize": 32}))
+    assert cfg.quantization.quant_config().double_quant is False
+    assert config_from_dict(minimal(quantization={"quant_type": "nf4"})).quantization \
+        .quant_config().double_quant is True
+    with pytest.raises(ConfigError, match="quantization.*blocksize=48 \\(the int4 group size"):
+        config_from_dict(minimal(quantization={"quant_type": "int4", "blocksize": 48}))
+    with pytest.raises(ConfigError, match="double_quant applies to NF4/FP4"):
+        config_from_dict(minimal(quantization={"quant_type": "int4", "double_quant": True}))
 
 
 def test_overrides_apply_and_validate(tmp_path):

@@ -301,40 +301,98 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
     return model
 
 
+def _checkpoint_layer(model, ckpt_layer: str, what: str) -> str:
+    """The model's name of a checkpoint layer: a base-model checkpoint in a task model (add the
+    prefix) or the reverse (strip it)."""
+    from peftjax.tuners._targets import named_modules
+    names = {n for n, _ in named_modules(model)}
+    prefix = getattr(model, "base_model_prefix", None)
+    options = [ckpt_layer, f"{prefix}.{ckpt_layer}",
+               ckpt_layer.split(".", 1)[-1] if ckpt_layer.startswith(f"{prefix}.") else None]
+    name = next((n for n in options if n in names), None)
+    if name is None:
+        raise CheckpointError(f"{what} layer {ckpt_layer} of the checkpoint has no place in the "
+                              "model; config.json and the weights disagree.")
+    return name
+
+
+def _plan_gptq(model, qcfg: dict, index, quantization, dtype) -> dict[str, dict]:
+    """Swaps the layers a 4-bit GPTQ checkpoint stores (``X.qweight``) for abstract INT4
+    layers and returns their plan (mode ``gptq``)."""
+    from peftjax.quant import _int4
+    from peftjax.tuners._targets import get_submodule, set_submodule
+    bits, group_size = qcfg.get("bits"), qcfg.get("group_size")
+    # transformers writes checkpoint_format; GPTQModel 7 writes format (gptq_v2 for its own
+    # asymmetric output). With sym=True the zero points show the convention themselves.
+    fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
+    problems = []
+    if bits != 4:
+        problems.append(f"bits={bits!r} (peftjax reads 4-bit GPTQ)")
+    if fmt not in ("gptq", "gptq_v2"):
+        problems.append(f"checkpoint_format={fmt!r} (peftjax reads 'gptq' and 'gptq_v2'; convert "
+                        "a Marlin/BitBLAS/AWQ layout back with GPTQModel)")
+    if group_size not in _int4.GROUP_SIZES:
+        problems.append(f"group_size={group_size!r} (peftjax's INT4 layer takes "
+                        f"{_int4.GROUP_SIZES}; per-channel -1 is not implemented)")
+    if problems:
+        raise UnsupportedConfigError("this GPTQ checkpoint cannot be read: " + "; ".join(problems)
+                                     + ".")
+    compute = jnp.dtype(getattr(quantization, "compute_dtype", None) or dtype)
+    weight_dtype = jnp.float16  # GPTQ dequantizes to its float16 scales' dtype
+    float_zeros = qcfg.get("peftjax_format") == _int4.FLOAT_ZEROS_FORMAT
+    plan = {}
+    for key in index:
+        if not key.endswith(".qweight"):
+            continue
+        ckpt_layer = key[:-len(".qweight")]
+        name = _checkpoint_layer(model, ckpt_layer, "GPTQ")
+        layer = get_submodule(model, name)
+        try:
+            set_submodule(model, name, nnx.eval_shape(lambda: _int4.Int4Linear(
+                layer.in_features, layer.out_features, use_bias=layer.bias is not None,
+                axes=layer.weight_axes, dtype=compute, group_size=group_size,
+                weight_dtype=weight_dtype, param_dtype=layer.weight_dtype)))
+        except ValueError as e:
+            raise CheckpointError(f"GPTQ layer {ckpt_layer}: {e}") from None
+        zeros = ".zeros" if float_zeros else ".qzeros"
+        plan[name] = {"mode": "gptq", "ckpt": ckpt_layer, "float_zeros": float_zeros,
+                      "version": 2 if fmt == "gptq_v2" else 1, "sym": bool(qcfg.get("sym")),
+                      "keys": [name + s for s in (".qweight", ".scales", zeros, ".g_idx")]}
+    if not plan:
+        raise CheckpointError("config.json says GPTQ but the checkpoint has no '.qweight' "
+                              "tensors; it is incomplete or not a GPTQ checkpoint.")
+    return plan
+
+
 def _plan_quantized(model, cfg, index, open_file, quantization, dtype, param_dtype
                     ) -> dict[str, dict]:
     """Swaps the layers to be stored in 4 bits for abstract QuantizedLinear layers (in place)
     and returns ``{layer name: {mode, keys, ...}}``: mode ``quantize`` (a float weight to
     quantize while reading) or ``bitsandbytes`` (a 4-bit layer of the checkpoint)."""
+    from peftjax.quant import _int4, _io
     qcfg = (cfg.hf_config.get("quantization_config") or {})
-    prequantized = qcfg.get("quant_method") == "bitsandbytes" and (
+    method = qcfg.get("quant_method")
+    prequantized = method == "bitsandbytes" and (
         qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
+    if method == "gptq" or qcfg.get("peftjax_format") == _int4.FLOAT_ZEROS_FORMAT:
+        return _plan_gptq(model, qcfg, index, quantization, dtype)
     if not quantization and not prequantized:
-        if qcfg.get("quant_method"):
+        if method:
             raise UnsupportedConfigError(
-                f"this checkpoint is quantized with {qcfg.get('quant_method')!r} "
+                f"this checkpoint is quantized with {method!r} "
                 f"({'8-bit' if qcfg.get('load_in_8bit') else 'an unsupported layout'}); peftjax "
-                "loads bitsandbytes 4-bit checkpoints and full-precision ones.")
+                "loads bitsandbytes 4-bit, 4-bit GPTQ and full-precision checkpoints.")
         return {}
-    from peftjax.quant import _io
     if not prequantized:
         shapes = _io.swap_in_quantized(model, quantization, param_dtype)
         return {name: {"mode": "quantize", "keys": [name + ".weight"], "shape": shape,
                        "offset_threads": quantization.offset_threads}
                 for name, shape in shapes.items()}
     from peftjax.tuners._targets import get_submodule, set_submodule
-    names = {n for n, _ in _io.named_modules(model)}
-    prefix = getattr(model, "base_model_prefix", None)
     compute = jnp.dtype(getattr(quantization, "compute_dtype", None) or dtype)
     plan = {}
     for ckpt_layer, qtype in _io.bnb_layers(index).items():
-        # a base-model checkpoint in a task model (add the prefix) or the reverse (strip it)
-        options = [ckpt_layer, f"{prefix}.{ckpt_layer}",
-                   ckpt_layer.split(".", 1)[-1] if ckpt_layer.startswith(f"{prefix}.") else None]
-        name = next((n for n in options if n in names), None)
-        if name is None:
-            raise CheckpointError(f"4-bit layer {ckpt_layer} of the checkpoint has no place "
-                                  "in the model; config.json and the weights disagree.")
+        name = _checkpoint_layer(model, ckpt_layer, "4-bit")
         meta = _io.bnb_meta(lambda k: open_file(index[k])[k], ckpt_layer, qtype)
         layer = get_submodule(model, name)
         set_submodule(model, name, nnx.eval_shape(lambda: _io.empty_quantized(
@@ -350,6 +408,7 @@ def _load_quantized(model, plan, mapping, index, open_file, param_dtype, progres
     """Flat-state values of the 4-bit layers, one layer at a time (quantizing float weights
     as they are read, or reading bitsandbytes' bytes)."""
     from peftjax.quant import _io, quantize_4bit
+    from peftjax.quant._int4 import Int4Linear, pack_nibbles, quantize_int4, read_gptq_layer
     from peftjax.tuners._targets import get_submodule
 
     def read(key):
@@ -366,6 +425,25 @@ def _load_quantized(model, plan, mapping, index, open_file, param_dtype, progres
         "Reading 4-bit layers"
     for name, q in tqdm(plan.items(), desc=desc, unit="layer", disable=not progress):
         layer = get_submodule(model, name)
+        path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+        if isinstance(layer, Int4Linear):
+            if q["mode"] == "gptq":
+                packed, scales, zeros, g_idx = read_gptq_layer(
+                    read, has, name, bits=4, group_size=layer.group_size,
+                    out_features=layer.out_features, in_features=layer.in_features,
+                    float_zeros=q["float_zeros"], version=q["version"], sym=q["sym"])
+            else:
+                w_OxI = np.asarray(read(q["keys"][0])).astype(param_dtype, copy=False)
+                codes, scales, zeros = quantize_int4(jnp.asarray(w_OxI),
+                                                     group_size=layer.group_size)
+                packed = pack_nibbles(codes)
+                g_idx = np.arange(layer.in_features) // layer.group_size
+                del w_OxI
+            values[path + ("packed",)] = jnp.asarray(packed, jnp.uint8)
+            values[path + ("scales",)] = jnp.asarray(scales, jnp.float16)
+            values[path + ("zeros",)] = jnp.asarray(zeros, jnp.float32)
+            values[path + ("g_idx",)] = jnp.asarray(g_idx, jnp.int32)
+            continue
         if q["mode"] == "quantize":
             w_OxI = jnp.asarray(np.asarray(read(q["keys"][0])).astype(param_dtype, copy=False))
             packed, state = quantize_4bit(w_OxI, quant_type=layer.quant_type,
@@ -378,7 +456,6 @@ def _load_quantized(model, plan, mapping, index, open_file, param_dtype, progres
             if tuple(state.shape) != (layer.out_features, layer.in_features):
                 raise CheckpointError(f"4-bit weight {name}: shape {tuple(state.shape)} but the "
                                       f"config implies {(layer.out_features, layer.in_features)}.")
-        path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
         values[path + ("packed",)] = jnp.asarray(packed, jnp.uint8).reshape(layer.out_features, -1)
         values[path + ("absmax",)] = jnp.asarray(state.absmax).reshape(layer.out_features, -1)
         if layer.double_quant:
@@ -398,6 +475,7 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
     half-written file under a final name."""
     cfg = model.config
     task = task_of(model)
+    from peftjax.quant._int4 import gptq_quantization_config, gptq_tensors
     from peftjax.quant._io import bnb_quantization_config, bnb_tensors
     from peftjax.quant._linear import QuantizedLinear
     from peftjax.tuners._layer import adapted_layers
@@ -408,10 +486,15 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
                          "save_pretrained writes plain checkpoints. Save the adapter with "
                          "PeftModel.save_pretrained, or fold it in with merge_and_unload() "
                          "first.")
-    quant_config = bnb_quantization_config(model)
+    quant_config, gptq_config = bnb_quantization_config(model), gptq_quantization_config(model)
+    if quant_config is not None and gptq_config is not None:
+        raise ValueError("the model mixes bitsandbytes 4-bit layers and INT4 (GPTQ) layers; a "
+                         "checkpoint has one quantization_config. Re-quantize them with one "
+                         "QuantConfig.")
+    quant_config = quant_config or gptq_config
     if quant_config is not None and dtype is not None:
         raise ValueError("dtype= converts full-precision weights; this model has 4-bit layers, "
-                         "which are written as stored (bitsandbytes layout). Call "
+                         "which are written as stored (bitsandbytes or GPTQ layout). Call "
                          "peftjax.quant.dequantize_model(model) first for a float checkpoint.")
     os.makedirs(directory, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
@@ -423,7 +506,8 @@ def save_pretrained(model: nnx.Module, directory: str, *, max_shard_bytes: int =
         tensors[key] = np.ascontiguousarray(a.T if transposed else a)
     for name, m in named_modules(model):
         if isinstance(m, QuantizedLinear):
-            tensors.update(bnb_tensors(name, m))
+            tensors.update(bnb_tensors(name, m) if m.checkpoint_format == "bitsandbytes"
+                           else gptq_tensors(name, m, "peftjax_format" in gptq_config))
     shards, current, size = [], {}, 0
     for key in sorted(tensors):
         if current and size + tensors[key].nbytes > max_shard_bytes:

@@ -28,6 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 QUANT_TYPES = ("nf4", "fp4")
+# group-wise INT4 (GPTQ's weight format, peftjax.quant._int4): its QuantConfig blocksize is the
+# group size
+INT4 = "int4"
+INT4_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
@@ -311,19 +315,36 @@ class QuantConfig:
 
     The names follow transformers' ``BitsAndBytesConfig`` (``bnb_4bit_quant_type``,
     ``bnb_4bit_use_double_quant``, ``bnb_4bit_compute_dtype``, ``llm_int8_skip_modules``).
+    ``quant_type``: ``"nf4"`` / ``"fp4"`` (bitsandbytes' formats) or ``"int4"`` (group-wise
+    asymmetric INT4, the weight format of GPTQ checkpoints; ``blocksize`` is then the group size
+    and there is no double quantization). ``double_quant`` None means True for NF4/FP4.
     ``skip_modules``: layers kept in full precision (a name equal to an entry or ending in
     ``"." + entry``); the output and classification heads by default, as transformers does.
     """
 
     quant_type: str = "nf4"
-    double_quant: bool = True
+    double_quant: bool | None = None
     compute_dtype: Any = "bfloat16"
     blocksize: int = 64
     skip_modules: tuple = ("lm_head", "score", "classifier")
     offset_threads: int = 1
 
     def __post_init__(self):
-        check_format(self.quant_type, self.blocksize)
+        if self.quant_type == INT4:
+            if self.blocksize not in INT4_GROUP_SIZES:
+                raise ValueError(f"blocksize={self.blocksize!r} (the int4 group size): choose "
+                                 f"one of {INT4_GROUP_SIZES}.")
+            if self.double_quant:
+                raise ValueError("double_quant applies to NF4/FP4; int4 stores float16 scales "
+                                 "and zero points per group (leave double_quant unset).")
+            object.__setattr__(self, "double_quant", False)
+        else:
+            if self.quant_type not in QUANT_TYPES:
+                raise ValueError(f"quant_type={self.quant_type!r}: choose one of "
+                                 f"{QUANT_TYPES + (INT4,)}.")
+            check_format(self.quant_type, self.blocksize)
+            if self.double_quant is None:
+                object.__setattr__(self, "double_quant", True)
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules or ()))
         try:
             dt = jnp.dtype(self.compute_dtype)

@@ -22,7 +22,8 @@ from flax import nnx
 
 from peftjax.models._layers import Linear
 from peftjax.models._safetensors import CheckpointError
-from peftjax.quant._formats import CODES, QuantConfig, QuantState
+from peftjax.quant._formats import CODES, INT4, QuantConfig, QuantState
+from peftjax.quant._int4 import Int4Linear
 from peftjax.quant._linear import QuantizedLinear, quantization_error
 from peftjax.tuners._layer import AdaptedLayer
 from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
@@ -54,8 +55,12 @@ def quantize_targets(model: nnx.Module, config: QuantConfig) -> list[str]:
 
 
 def empty_quantized(layer: Linear, *, quant_type, blocksize, double_quant, dtype, weight_dtype):
-    """A QuantizedLinear of ``layer``'s shape with zero storage (call it inside
-    ``nnx.eval_shape`` for an abstract one)."""
+    """A QuantizedLinear (Int4Linear for ``int4``) of ``layer``'s shape with zero storage (call
+    it inside ``nnx.eval_shape`` for an abstract one)."""
+    if quant_type == INT4:
+        return Int4Linear(layer.in_features, layer.out_features, use_bias=layer.bias is not None,
+                          axes=layer.weight_axes, dtype=dtype, group_size=blocksize,
+                          weight_dtype=weight_dtype, param_dtype=layer.weight_dtype)
     return QuantizedLinear(layer.in_features, layer.out_features, use_bias=layer.bias is not None,
                            axes=layer.weight_axes, dtype=dtype, quant_type=quant_type,
                            blocksize=blocksize, double_quant=double_quant,
@@ -160,7 +165,8 @@ def bnb_quantization_config(model: nnx.Module) -> dict | None:
     layers, or None without any. Every float ``Linear`` is listed in ``llm_int8_skip_modules``
     so transformers keeps exactly those in full precision. Raises when the 4-bit layers mix
     settings one config cannot express."""
-    quant = [(n, m) for n, m in named_modules(model) if isinstance(m, QuantizedLinear)]
+    quant = [(n, m) for n, m in named_modules(model) if isinstance(m, QuantizedLinear)
+             and m.checkpoint_format == "bitsandbytes"]
     if not quant:
         return None
     settings = {(m.quant_type, m.blocksize, m.double_quant, jnp.dtype(m.dtype).name)
@@ -186,11 +192,15 @@ def quantize_model(model: nnx.Module, config: QuantConfig, *, progress: bool = T
     reports = {}
     for name in tqdm(quantize_targets(model, config), desc="Quantizing", disable=not progress):
         layer = get_submodule(model, name)
-        q = QuantizedLinear.from_linear(layer, quant_type=config.quant_type,
-                                        blocksize=config.blocksize,
-                                        double_quant=config.double_quant,
-                                        compute_dtype=jnp.dtype(config.compute_dtype),
-                                        offset_threads=config.offset_threads)
+        if config.quant_type == INT4:
+            q = Int4Linear.from_linear(layer, group_size=config.blocksize,
+                                       compute_dtype=jnp.dtype(config.compute_dtype))
+        else:
+            q = QuantizedLinear.from_linear(layer, quant_type=config.quant_type,
+                                            blocksize=config.blocksize,
+                                            double_quant=config.double_quant,
+                                            compute_dtype=jnp.dtype(config.compute_dtype),
+                                            offset_threads=config.offset_threads)
         reports[name] = quantization_error(layer.kernel[...].T, q.weight_OxI(jnp.float32))
         set_submodule(model, name, q)
     return reports
@@ -204,20 +214,32 @@ def merge_and_requantize(peft, config: QuantConfig, *, dtype=None,
     ``of_delta`` (the re-quantization error over it). ``of_delta`` near or above 1 means
     rounding to the 4-bit grid undoes about as much as the adapter changed: the 4-bit merged
     model keeps little of what was learned (serve the float merge, or the adapter over the
-    4-bit base, instead)."""
-    deltas = {name: float(jnp.linalg.norm(layer.delta_IxO().astype(jnp.float32)))
-              for name, layer in peft.lora_layers()}
+    4-bit base, instead). Layers whose adapters fold into their INT4 zero points exactly
+    (QA-LoRA) are never re-quantized; their report is ``{"folded": True}``."""
+    deltas, folded = {}, {}
+    for name, layer in peft.lora_layers():
+        if layer.quantized and layer.active and layer.folds_into_quantized(layer.active):
+            folded[name] = {"folded": True}
+        else:
+            deltas[name] = float(jnp.linalg.norm(layer.delta_IxO().astype(jnp.float32)))
     model = peft.merge_and_unload(dtype)
     reports = quantize_model(model, config, progress=progress)
     for name, r in reports.items():
         if name in deltas:
             r["delta_fro"] = deltas[name]
             r["of_delta"] = r["fro"] / max(deltas[name], 1e-30)
-    return model, reports
+    return model, {**reports, **folded}
 
 
 def requantization_summary(reports: dict, quant_type: str) -> str:
     """One line (two with a warning) describing :func:`merge_and_requantize`'s reports."""
+    folded = sum(1 for r in reports.values() if r.get("folded"))
+    reports = {k: r for k, r in reports.items() if not r.get("folded")}
+    parts = []
+    if folded:
+        parts.append(f"{folded} layers folded into their INT4 zero points exactly (QA-LoRA)")
+    if not reports:
+        return "; ".join(parts)
     rel = sorted(r["rel_fro"] for r in reports.values())
     of = sorted(r["of_delta"] for r in reports.values() if "of_delta" in r)
     line = (f"quantized {len(rel)} layers to {quant_type} ({len(of)} of them merged): relative "
@@ -229,7 +251,7 @@ def requantization_summary(reports: dict, quant_type: str) -> str:
             line += ("\nwarning: rounding to 4 bits undoes much of the adapter's change, so the "
                      "4-bit merged model keeps little of what was learned; serve the float merge "
                      "(or the adapter over the 4-bit base) instead")
-    return line
+    return "; ".join(parts + [line])
 
 
 def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:

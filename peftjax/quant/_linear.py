@@ -22,8 +22,9 @@ from peftjax.models._layers import Linear, param_value
 from peftjax.quant._formats import (CODES, NESTED_BLOCKSIZE, QuantState, block_scales,
                                     check_format, dequantize_4bit, quantize_4bit)
 
-# the variables of a QuantizedLinear besides ``packed``: quantization state, not parameters
-STATE_NAMES = ("absmax", "nested_absmax", "offset", "nested_code")
+# the variables of a QuantizedLinear (or Int4Linear) besides ``packed``: quantization state, not
+# parameters
+STATE_NAMES = ("absmax", "nested_absmax", "offset", "nested_code", "scales", "zeros", "g_idx")
 
 
 class QuantWeight(nnx.Variable):
@@ -39,6 +40,7 @@ class QuantizedLinear(Linear):
 
     hf_params = {"bias": ("bias", False)}  # the 4-bit weight is read and written by quant/_io
     quantized = True
+    checkpoint_format = "bitsandbytes"  # how save_pretrained writes it (Int4Linear: "gptq")
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
                  axes: tuple[str, str], dtype, quant_type: str = "nf4", blocksize: int = 64,

@@ -111,8 +111,8 @@ def param_counts(trainable, frozen) -> dict:
 
 
 def _quant_note(cfg: RunConfig, model) -> str:
-    q = cfg.quantization
-    if q.quant_type is None:
+    q = cfg.quantization.quant_config()  # double_quant resolved (None means True for NF4/FP4)
+    if q is None:
         return ""
     n = sum(isinstance(m, QuantizedLinear) for _, m in named_modules(model))
     return (f"; {n} linear layers in {q.quant_type}{' + double quant' if q.double_quant else ''}"
@@ -472,16 +472,30 @@ def load_trained_model(cfg: RunConfig, *, step: int | None = None, progress: boo
 
 
 def evaluate_checkpoint(cfg: RunConfig, *, split: str = "test", step: int | None = None,
-                        progress: bool = True) -> dict:
-    """Loss/accuracy (and generation accuracy when configured) of a checkpoint on a split."""
+                        model_dir: str | None = None, progress: bool = True) -> dict:
+    """Loss/accuracy (and generation accuracy when configured) of a checkpoint on a split:
+    the run's checkpoint ``step``, or with ``model_dir`` a Hugging Face checkpoint (e.g. a
+    merged model; loaded as stored, 4-bit layers included) with the run's tokenizer, data and
+    evaluation settings."""
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, padding_side="left",
                          revision=cfg.model.revision)
+    if model_dir is not None and step is not None:
+        raise ValueError("step selects one of the run's checkpoints; with model_dir the model "
+                         "is that checkpoint, so give one or the other")
     splits = load_splits(cfg.data, tok)
-    model, step = load_trained_model(cfg, step=step, progress=progress)
+    if model_dir is not None:
+        m = cfg.model
+        model = from_pretrained(model_dir, task=run_task(cfg), dtype=jnp.dtype(m.dtype),
+                                param_dtype=jnp.dtype(m.param_dtype or m.dtype),
+                                progress=progress)
+        step = None
+    else:
+        model, step = load_trained_model(cfg, step=step, progress=progress)
     examples = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
     if not examples:
         raise ValueError(f"the data has no {split!r} split")
-    graphdef, trainable, frozen = split_model(model, modules=head_modules(cfg, model))
+    heads = None if model_dir is not None else head_modules(cfg, model)
+    graphdef, trainable, frozen = split_model(model, modules=heads)
     mesh = make_mesh(cfg.mesh.mesh_config())
     result = Evaluator(cfg, graphdef, run_task(cfg), tok, splits.buckets, mesh)(
         examples, trainable, frozen)

@@ -106,21 +106,37 @@ class AdaptedLayer:
         if b is not None:
             self.bias[...] = new_b.astype(b.dtype)
 
+    def folds_into_quantized(self, names) -> bool:
+        """Whether adapters ``names`` fold into this 4-bit layer's storage exactly (QA-LoRA
+        over INT4); otherwise merging a 4-bit layer dequantizes it."""
+        return False
+
+    def fold_quantized(self, names, sign: float) -> None:
+        """Folds (sign 1) or unfolds (-1) adapters ``names`` into the 4-bit storage."""
+        raise NotImplementedError
+
     def merge(self, names=None) -> None:
         """Folds adapters ``names`` (default: the active ones) into the weights."""
-        if self.quantized:
+        todo = tuple(n for n in (self.active if names is None else names) if n not in self.merged)
+        if self.quantized and todo and not self.folds_into_quantized(todo):
             raise TypeError(
                 "cannot merge an adapter into a 4-bit weight in place: merging needs the float "
-                "weight. Use PeftModel.merge_and_unload() (it dequantizes the adapted layers) "
-                "and, to store 4 bits again, peftjax.quant.quantize_model (it reports the error).")
-        todo = tuple(n for n in (self.active if names is None else names) if n not in self.merged)
+                "weight (only QA-LoRA over INT4 folds into the zero points). Use "
+                "PeftModel.merge_and_unload() (it dequantizes the adapted layers) and, to store "
+                "4 bits again, peftjax.quant.quantize_model (it reports the error).")
         if todo:
-            self._write(self.fold, todo)
+            if self.quantized:
+                self.fold_quantized(todo, 1.0)
+            else:
+                self._write(self.fold, todo)
             self.merged = self.merged + todo
 
     def unmerge(self) -> None:
         if self.merged:
-            self._write(self.unfold, self.merged[::-1])
+            if self.quantized:
+                self.fold_quantized(self.merged[::-1], -1.0)
+            else:
+                self._write(self.unfold, self.merged[::-1])
             self.merged = ()
 
     def unloaded(self) -> Linear:
@@ -289,10 +305,11 @@ class LayerMethod:
         """Merges the active adapters (the others are dropped). A 4-bit layer with an active
         adapter becomes a float ``Linear`` holding the dequantized base with the adapter folded
         in (in ``dtype``, default the weight's original dtype), as PEFT does for bitsandbytes
-        layers; other 4-bit layers stay 4-bit."""
+        layers, unless the adapters fold into its 4-bit storage exactly (QA-LoRA over INT4:
+        the layer stays INT4); other 4-bit layers stay 4-bit."""
         base = peft_model.base_model
         for name, layer in adapted_layers(base, self.layer_mixin):
-            if layer.quantized and layer.active:
+            if layer.quantized and layer.active and not layer.folds_into_quantized(layer.active):
                 set_submodule(base, name, layer.merged_float(dtype))
             else:
                 layer.merge()

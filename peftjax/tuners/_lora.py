@@ -16,6 +16,13 @@ treated as a constant in the backward pass (the paper's section 4.3); with dropo
 base term uses the dropped input too, as in PEFT. Merging folds ``m / n`` into the weight, so a
 DoRA adapter can be served as plain weights; over a 4-bit base the norms use the dequantized
 weight.
+
+QA-LoRA (Xu et al. 2023, ``use_qalora=True``, PEFT's names): the adapter sees the layer input
+average-pooled over groups of ``qalora_group_size`` features and multiplied by the number of
+groups (PEFT's scaling), so ``A`` has in/group rows and the change ``s A B`` is the same for every
+input of a group. Over an INT4 base (:class:`peftjax.quant.Int4Linear`) whose quantization
+groups lie inside those groups, merging moves the base's zero points and keeps the weight in
+INT4 with nothing lost (PEFT cannot merge QA-LoRA); over any other base it merges like LoRA.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ DEFAULT_LORA_TARGETS = {
 # PEFT fields that change the adapter's math: loading must refuse values other than these.
 _MUST_BE = {"lora_bias": (False, None), "layer_replication": (None,),
             "target_parameters": (None, []), "trainable_token_indices": (None,),
-            "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+            "alora_invocation_tokens": (None,),
             "use_bdlora": (None, False), "megatron_config": (None,)}
 
 INITS = (True, False, "gaussian", "loftq")
@@ -112,11 +119,15 @@ class LoraFactors(nnx.Module):
     """One named adapter's factors in one layer: ``lora_A`` [in, r], ``lora_B`` [r, out]."""
 
     def __init__(self, base: Linear, *, r: int, scaling: float, dropout: float, init,
-                 site: int, rngs: nnx.Rngs, dora: bool = False, factors=None):
-        """``factors=(A [in, r], B [r, out])``: start values computed elsewhere (LoftQ)."""
+                 site: int, rngs: nnx.Rngs, dora: bool = False, factors=None,
+                 pool: int | None = None):
+        """``factors=(A [in, r], B [r, out])``: start values computed elsewhere (LoftQ);
+        ``pool``: QA-LoRA's group size (A then has in/pool rows)."""
         self.r, self.scaling, self.dora = r, float(scaling), dora
-        self.dropout_rate, self.site = float(dropout), site
+        self.dropout_rate, self.site, self.pool = float(dropout), site, pool
         in_f, out_f = base.in_features, base.out_features
+        if pool:
+            in_f //= pool
         pdt = base.weight_dtype
         pdt = jnp.float32 if jnp.issubdtype(pdt, jnp.floating) and jnp.finfo(pdt).bits < 32 else pdt
         k_a, k_b = rngs.params(), rngs.params()
@@ -140,8 +151,23 @@ class LoraFactors(nnx.Module):
             norms = self.norms_O(base.base_kernel_IxO())
             self.lora_magnitude_vector = LoraParam(norms.astype(pdt), axes=(out_axis,))
 
+    def pooled(self, h: jax.Array) -> jax.Array:
+        """QA-LoRA's adapter input: ``h`` averaged over each group of ``pool`` features, times
+        the number of groups (as PEFT); ``h`` itself for plain LoRA."""
+        if not self.pool:
+            return h
+        n = h.shape[-1] // self.pool
+        return h.reshape(*h.shape[:-1], n, self.pool).mean(-1) * n
+
+    def full_A(self) -> jax.Array:
+        """``A`` acting on the full input [in, r] (QA-LoRA's pooling folded in)."""
+        a = param_value(self.lora_A)
+        if not self.pool:
+            return a
+        return jnp.repeat(a, self.pool, axis=0) * (a.shape[0] / self.pool)
+
     def delta_IxO(self) -> jax.Array:
-        return (param_value(self.lora_A) @ param_value(self.lora_B)) * self.scaling
+        return (self.full_A() @ param_value(self.lora_B)) * self.scaling
 
     def norms_O(self, kernel_IxO: jax.Array) -> jax.Array:
         """Column norms of ``kernel + s A B`` (float32), a constant for autodiff (DoRA)."""
@@ -191,12 +217,26 @@ class LoraMixin(AdaptedLayer):
             kernel_IxO = kernel_IxO - f.delta_IxO().astype(jnp.float32)
         return kernel_IxO, bias_O
 
+    def folds_into_quantized(self, names) -> bool:
+        """QA-LoRA adapters over an INT4 base whose quantization groups lie inside the
+        adapters' pooling groups fold into the zero points (exactly)."""
+        # an INT4 layer (peftjax.quant.Int4Linear; quant sits above tuners, so no import here)
+        if getattr(self, "quant_type", None) != "int4" or not self.contiguous_groups():
+            return False
+        return all(self.lora[n].pool and not self.lora[n].dora
+                   and self.lora[n].pool % self.group_size == 0 for n in names)
+
+    def fold_quantized(self, names, sign: float) -> None:
+        # the change is constant within each quantization group: one row per group
+        self.shift_zeros(self.delta_IxO(names)[::self.group_size], sign)
+
     def __call__(self, x):
         y = super().__call__(x)
         dt = jnp.dtype(self.dtype)
         for f in self.applied():
             h = dropout(x, f.dropout_rate, site_key(f.site))
-            d = _lora_delta(f.scaling, dt)(h, param_value(f.lora_A), param_value(f.lora_B))
+            d = _lora_delta(f.scaling, dt)(f.pooled(h), param_value(f.lora_A),
+                                           param_value(f.lora_B))
             if not f.dora:
                 y = y + d
                 continue
@@ -249,6 +289,8 @@ class LoraConfig(LayerMethod, TunerConfig):
     task_type: str | None = None
     fan_in_fan_out: bool = False
     use_dora: bool = False
+    use_qalora: bool = False
+    qalora_group_size: int = 16
     lora_fa: bool = False  # peftjax's: A stays at its initial values (not in PEFT's file)
     base_model_name_or_path: str | None = None
 
@@ -263,7 +305,7 @@ class LoraConfig(LayerMethod, TunerConfig):
         result would depend on the order of the active adapters."""
         return not self.use_dora
     harmless_fields = TunerConfig.harmless_fields | {
-        "eva_config", "corda_config", "megatron_core", "qalora_group_size",
+        "eva_config", "corda_config", "megatron_core",
         "arrow_config", "ensure_weight_tying", "kasa_config", "lora_ga_config",
         "monteclora_config", "velora_config", "runtime_config"}
 
@@ -287,9 +329,16 @@ class LoraConfig(LayerMethod, TunerConfig):
             problems.append("loftq_config is set but init_lora_weights is not 'loftq'")
         if self.init_lora_weights == "loftq" and self.use_dora:
             problems.append("init_lora_weights='loftq' with use_dora=True is not implemented")
-        for name in ("use_dora", "lora_fa"):
+        for name in ("use_dora", "use_qalora", "lora_fa"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False")
+        if not (isinstance(self.qalora_group_size, int) and self.qalora_group_size >= 1):
+            problems.append(f"qalora_group_size={self.qalora_group_size!r} must be a positive "
+                            "integer")
+        if self.use_qalora is True and self.use_dora is True:
+            problems.append("use_qalora with use_dora is not implemented (PEFT refuses it too)")
+        if self.use_qalora is True and self.init_lora_weights == "loftq":
+            problems.append("use_qalora with init_lora_weights='loftq' is not implemented")
         for key, r in self.rank_pattern.items():
             if not isinstance(r, int) or r <= 0:
                 problems.append(f"rank_pattern[{key!r}]={r!r} must be a positive integer")
@@ -322,11 +371,17 @@ class LoraConfig(LayerMethod, TunerConfig):
             factors = None
             if config.init_lora_weights == "loftq":
                 factors = self._loftq(model, name, r, config.scaling(r, alpha))
-            layer = wrap(model, name, get_submodule(model, name), LoraMixin)
+            target = get_submodule(model, name)
+            pool = config.qalora_group_size if config.use_qalora else None
+            if pool and target.in_features % pool:
+                raise ValueError(f"use_qalora: {name} has {target.in_features} input features, "
+                                 f"not a multiple of qalora_group_size={pool}; choose a group "
+                                 "size that divides every targeted layer's input width")
+            layer = wrap(model, name, target, LoraMixin)
             layer.lora[adapter_name] = LoraFactors(
                 layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
                 init=config.init_lora_weights, site=site, dora=config.use_dora, rngs=rngs,
-                factors=factors)
+                factors=factors, pool=pool)
             if config.lora_fa:  # LoRA-FA: A frozen at its initialisation, only B trains
                 layer.lora[adapter_name].lora_A.set_metadata("frozen", True)
         return {}

@@ -319,6 +319,43 @@ def test_qlora_train_eval_merge_commands(tiny_bert, tmp_path):
     assert 0 < np.abs(four_bit - qlora).max() < 0.5  # what re-quantizing the merge costs
 
 
+def test_qalora_int4_train_merge_eval_commands(tiny_bert, tmp_path):
+    """QA-LoRA over INT4 through the command line: ``quant_type: int4`` + ``use_qalora`` in the
+    YAML, ``merge --quantization int4 --save-4bit`` folds the adapter into the zero points, and
+    ``eval --model`` of that merged checkpoint scores what the run scored."""
+    quant = {"quant_type": "int4", "blocksize": 16, "compute_dtype": "float32"}
+    cfg, out = write_config(tmp_path, tiny_bert, "qalora", train={"steps": 4, "save_every": 2},
+                            quantization=quant)
+    raw = yaml.safe_load(open(cfg))
+    raw["peft"].update(use_qalora=True, qalora_group_size=16)
+    open(cfg, "w").write(yaml.safe_dump(raw))
+    proc = cli("train", cfg, check=0)
+    assert "13 linear layers in int4 (blocksize 16" in proc.stdout, proc.stdout
+    merged = str(tmp_path / "merged4")
+    proc = cli("merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),
+               "--quantization", "int4", "--blocksize", "16", "--save-4bit", "--out", merged,
+               check=0)
+    assert "4 layers folded into their INT4 zero points exactly (QA-LoRA)" in proc.stdout
+    qc = json.load(open(os.path.join(merged, "config.json")))["quantization_config"]
+    assert qc["peftjax_format"] == "int4_float_zeros" and qc["group_size"] == 16
+    proc = cli("eval", cfg, "--split", "test", "--model", merged, check=0)
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    summary = json.load(open(os.path.join(out, "summary.json")))["test"]
+    assert result["accuracy"] == summary["accuracy"]
+    assert result["loss"] == pytest.approx(summary["loss"], abs=1e-4)
+    proc = cli("eval", cfg, "--model", merged, "--step", "2", check=1)
+    assert "give one or the other" in proc.stderr, proc.stderr
+    # --round-zeros: a standard GPTQ checkpoint (integer zero points), with the change reported
+    args = ["merge", "--model", tiny_bert, "--adapter", os.path.join(out, "adapter"),
+            "--quantization", "int4", "--blocksize", "16"]
+    proc = cli(*args, "--save-4bit", "--round-zeros", "--out", str(tmp_path / "gptq"), check=0)
+    assert "rounded the zero points of 4 layers to integers (standard GPTQ)" in proc.stdout
+    qc = json.load(open(tmp_path / "gptq" / "config.json"))["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
+    proc = cli(*args, "--round-zeros", "--out", str(tmp_path / "x"), check=1)
+    assert "--round-zeros applies to INT4 merges" in proc.stderr, proc.stderr
+
+
 def test_bad_input_is_reported(tiny_bert, tmp_path):
     cfg, out = write_config(tmp_path, tiny_bert, "typo")
     proc = cli("train", cfg, "train.lrate=1", check=1)

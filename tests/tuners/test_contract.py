@@ -44,6 +44,8 @@ CONTRACT = {
                              use_dora=True), 2e-5),  # m / n is 1 up to float32 rounding
     "lora+fa": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                            lora_fa=True), True),  # LoRA-FA: A frozen, only B trains
+    "lora+qalora": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                               use_qalora=True, qalora_group_size=16), True),  # pooled input
 }
 IDS, MASK = batch(lengths=(12, 9, 7, 12, 10, 5, 12, 8), seed=1)
 DATA = {"input_ids": IDS, "attention_mask": MASK, "labels": np.where(MASK == 1, IDS, -100)}

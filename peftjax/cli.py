@@ -7,6 +7,8 @@
     peftjax merge --model PATH --adapter DIR --out DIR [--dtype D]
                   [--quantization nf4|fp4|int4 [--blocksize N]] [--save-4bit]
                                                                merged HF checkpoint
+    peftjax merge-adapters DIR DIR ... --weights W W ... [--type ties --density D] --out DIR
+                                                               combined adapter (PEFT format)
     peftjax generate --model PATH [--adapter DIR] [--chat] PROMPT ...
 
 Overrides use dotted keys: ``peftjax train cfg.yaml train.lr=1e-4 peft.r=16``.
@@ -76,6 +78,27 @@ def _parser() -> argparse.ArgumentParser:
                    "merge leaves to integers, for a standard GPTQ checkpoint any GPTQ runtime "
                    "loads (prints the weight change this makes; without it the exact float zero "
                    "points are kept in peftjax's variant of the layout)")
+    p = sub.add_parser("merge-adapters", help="combine adapters into one (PEFT's "
+                       "add_weighted_adapter), written as a PEFT-format adapter")
+    p.add_argument("adapters", nargs="+", help="PEFT-format adapter directories (one method)")
+    p.add_argument("--weights", type=float, nargs="+", required=True,
+                   help="one weight per adapter (negative subtracts)")
+    p.add_argument("--type", default=None, dest="combination_type",
+                   help="LoRA: svd (default), linear, cat, ties, dare_linear, dare_ties, "
+                   "magnitude_prune, or their *_svd forms; (IA)3: linear (a weighted sum)")
+    p.add_argument("--density", type=float, default=None,
+                   help="fraction of entries kept (ties, dare_*, magnitude_prune)")
+    p.add_argument("--majority-sign", default=None, choices=["total", "frequency"],
+                   help="TIES sign election (default total)")
+    p.add_argument("--svd-rank", type=int, default=None,
+                   help="rank of an SVD combination (default: the largest rank)")
+    p.add_argument("--svd-clamp", type=float, default=None,
+                   help="clamp the SVD factors at this quantile of their values")
+    p.add_argument("--seed", type=int, default=None, help="DARE's random masks (default 0)")
+    p.add_argument("--model", default=None,
+                   help="base model (default: base_model_name_or_path of the first adapter)")
+    p.add_argument("--task", default=None, help="model task (default: from the adapter)")
+    p.add_argument("--out", required=True, help="output directory (the combined adapter)")
     p = sub.add_parser("generate", help="generate text with a model (and adapter)")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None)
@@ -145,11 +168,7 @@ def _merge(args) -> int:
         raise ValueError(f"{args.adapter}: {adapter_cfg.method} cannot be merged into the "
                          f"weights: {adapter_cfg.merge_reason} Use the adapter with the base "
                          "model instead (peftjax generate --adapter, PeftModel.from_pretrained).")
-    task = args.task
-    if task is None:
-        tt = adapter_cfg.task_type
-        task = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
-                "CAUSAL_LM": "causal_lm"}.get(tt)
+    task = args.task or _TASKS.get(adapter_cfg.task_type)
     from peftjax.quant import QuantConfig
     from peftjax.quant._io import dequantize_model, merge_and_requantize, requantization_summary
     if not (args.quantization or args.save_4bit) and (args.blocksize or args.no_double_quant):
@@ -210,8 +229,40 @@ def _generate(args) -> int:
     return 0
 
 
+def _merge_adapters(args) -> int:
+    from peftjax.models import from_pretrained
+    from peftjax.tuners import PeftModel, read_config
+    if len(args.weights) != len(args.adapters):
+        raise ValueError(f"{len(args.adapters)} adapters but {len(args.weights)} --weights")
+    first = read_config(args.adapters[0])
+    model = args.model or first.base_model_name_or_path
+    if not model:
+        raise ValueError(f"{args.adapters[0]}: its adapter_config.json names no "
+                         "base_model_name_or_path; pass --model")
+    task = args.task or _TASKS.get(first.task_type)
+    base = from_pretrained(model, task=task)
+    names = [f"source_{i}" for i in range(len(args.adapters))]
+    peft = PeftModel.from_pretrained(base, args.adapters[0], adapter_name=names[0])
+    for name, directory in zip(names[1:], args.adapters[1:]):
+        peft.load_adapter(directory, name)
+    options = {k: v for k, v in (("density", args.density),
+                                 ("majority_sign_method", args.majority_sign),
+                                 ("svd_rank", args.svd_rank), ("svd_clamp", args.svd_clamp),
+                                 ("seed", args.seed)) if v is not None}
+    kind = args.combination_type or ("svd" if first.method == "lora" else "linear")
+    if first.method == "lora" or kind != "linear":
+        options["combination_type"] = kind
+    peft.add_weighted_adapter(names, args.weights, "default", **options)
+    peft.save_pretrained(args.out, selected_adapters=["default"])
+    print(f"combined {len(names)} {first.method} adapters ({kind}, weights {args.weights}) "
+          f"-> {args.out}")
+    return 0
+
+
+_TASKS = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
+          "CAUSAL_LM": "causal_lm"}
 COMMANDS = {"train": _train, "eval": _eval, "export": _export, "memory": _memory, "merge": _merge,
-            "generate": _generate}
+            "merge-adapters": _merge_adapters, "generate": _generate}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

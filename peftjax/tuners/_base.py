@@ -27,6 +27,8 @@ Hooks (defaults in :class:`TunerConfig`):
   adapter file holds; one mapping serves saving, the strict check on loading, and loading.
 - ``to_peft_dict()`` / ``from_peft_dict(data, path)``: ``adapter_config.json`` both ways,
   refusing options that change the math and are not implemented.
+- ``combine(peft_model, adapters, weights, adapter_name, **options)``: a new adapter as a
+  weighted combination of existing ones (``add_weighted_adapter``; LoRA, (IA)³).
 - ``mergeable`` and ``merge_reason``: whether the adapter folds into the weights;
   ``combinable``: whether several adapters can be active at once (their effects add up).
 
@@ -130,6 +132,13 @@ class TunerConfig:
     def merge_and_unload(self, peft_model, dtype=None) -> nnx.Module:
         raise TypeError(f"{type(self).__name__} cannot be merged into the weights: "
                         f"{self.merge_reason} Serve the base model with the adapter instead.")
+
+    def combine(self, peft_model, adapters: list, weights: list, adapter_name: str,
+                **options) -> None:
+        """Adds ``adapter_name``, a weighted combination of ``adapters``
+        (``PeftModel.add_weighted_adapter``; LoRA and (IA)³ define it, as in PEFT)."""
+        raise TypeError(f"add_weighted_adapter is defined for LoRA and (IA)³ adapters (as in "
+                        f"PEFT), not for {self.method}")
 
     # ------------------------------------------------------------------------ file layout
     weight_files: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)

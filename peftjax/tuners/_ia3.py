@@ -176,6 +176,45 @@ class IA3Config(LayerMethod, TunerConfig):
                                                 init_ones=config.init_ia3_weights, rngs=rngs)
         return {}
 
+    def combine(self, peft_model, adapters: list, weights: list, adapter_name: str,
+                **options) -> None:
+        """PEFT's IA3 ``add_weighted_adapter``: the new vector is ``sum_i w_i l_i`` per layer,
+        over the union of the adapters' targets. Where an adapter does not adapt a layer it
+        counts as the identity (ones); PEFT counts it as zero, which with disjoint targets
+        zeroes a layer's output."""
+        if options:
+            raise ValueError(f"add_weighted_adapter: (IA)³ adapters combine as a weighted sum of "
+                             f"their vectors; {sorted(options)} apply to LoRA")
+        configs = [peft_model.peft_configs[a].resolved(peft_model.base_model) for a in adapters]
+        for a, c in zip(adapters, configs):
+            if c.modules_to_save:
+                raise ValueError(f"add_weighted_adapter: adapter {a!r} has modules_to_save, "
+                                 "which a combination of vectors cannot carry; combine adapters "
+                                 "without them")
+        kinds = {isinstance(c.target_modules, str) for c in configs} | {
+            isinstance(c.feedforward_modules, str) for c in configs}
+        if len(kinds) > 1:
+            raise ValueError("add_weighted_adapter: the adapters mix regex and list "
+                             "target_modules / feedforward_modules; combine adapters that name "
+                             "their targets alike")
+        if kinds == {True}:
+            targets = "|".join(f"({c.target_modules})" for c in configs)
+            ff = "|".join(f"({c.feedforward_modules})" for c in configs)
+        else:
+            targets = tuple(sorted(set().union(*(c.target_modules for c in configs))))
+            ff = tuple(sorted(set().union(*(c.feedforward_modules for c in configs))))
+        new = dataclasses.replace(configs[0], target_modules=targets, feedforward_modules=ff,
+                                  init_ia3_weights=True, exclude_modules=None)
+        peft_model.add_adapter(adapter_name, new, rngs=nnx.Rngs(0))
+        for _, layer in adapted_layers(peft_model.base_model, IA3Mixin):
+            if adapter_name not in layer.ia3:
+                continue
+            total = 0.0
+            for a, w in zip(adapters, weights):
+                total = total + w * (layer.ia3[a].ia3_l[...] if a in layer.ia3 else 1.0)
+            target = layer.ia3[adapter_name].ia3_l
+            target[...] = jnp.broadcast_to(jnp.asarray(total, jnp.float32), target.shape)
+
     def peft_entries(self, peft_model) -> dict:
         """``<module>.ia3_l`` per adapted layer, and ``modules_to_save`` weights under their
         Hugging Face names."""

@@ -406,6 +406,106 @@ class LoraConfig(LayerMethod, TunerConfig):
             quantized=(packed, state)))
         return right.T / scaling, left.T
 
+    def combine(self, peft_model, adapters: list, weights: list, adapter_name: str, *,
+                combination_type: str = "svd", svd_rank: int | None = None,
+                svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                density: float | None = None, majority_sign_method: str = "total",
+                seed: int = 0, dare_mask=None) -> None:
+        """PEFT's ``add_weighted_adapter`` for LoRA (see ``PeftModel.add_weighted_adapter``)."""
+        from peftjax.tuners import _combine as cb
+        cb.check_options(combination_type, density, majority_sign_method)
+        configs = [peft_model.peft_configs[a] for a in adapters]
+        for a, c in zip(adapters, configs):
+            why = ("use_dora" if c.use_dora else "use_qalora" if c.use_qalora else
+                   "modules_to_save" if c.modules_to_save else
+                   f"bias={c.bias!r}" if c.bias != "none" else None)
+            if why:
+                raise ValueError(
+                    f"add_weighted_adapter: adapter {a!r} has {why}, which a combination of "
+                    "LoRA factors cannot carry (PEFT combines only A and B and would give the new "
+                    "adapter untrained copies of the rest); combine plain LoRA adapters.")
+        if len(adapters) == 1:
+            combination_type = "linear"  # as PEFT: one adapter is only re-weighted
+        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+        if combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type.endswith("svd"):
+            new_rank = svd_rank or max(ranks)
+        elif len(set(ranks)) != 1:
+            raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} needs "
+                             f"adapters of one rank, got r={ranks}; use 'cat' or an SVD type "
+                             "('svd', 'ties_svd', ...), which take any ranks")
+        else:
+            new_rank = ranks[0]
+        filled = [c.with_model_defaults(peft_model.base_model, target_modules=DEFAULT_LORA_TARGETS)
+                  for c in configs]
+        kinds = {isinstance(c.target_modules, str) for c in filled}
+        if len(kinds) > 1:
+            raise ValueError("add_weighted_adapter: the adapters mix a regex target_modules with "
+                             "a list of names; combine adapters that name their targets alike")
+        if kinds == {True}:
+            targets = "|".join(f"({c.target_modules})" for c in filled)
+        else:
+            targets = tuple(sorted(set().union(*(c.target_modules for c in filled))))
+        new = dataclasses.replace(filled[0], r=new_rank, lora_alpha=new_rank,
+                                  target_modules=targets, rank_pattern={}, alpha_pattern={},
+                                  use_rslora=False, init_lora_weights=True, lora_fa=False,
+                                  layers_to_transform=None, layers_pattern=None,
+                                  exclude_modules=None, loftq_config={})
+        peft_model.add_adapter(adapter_name, new, rngs=nnx.Rngs(0))
+        mask_fn = dare_mask or cb.default_dare_mask(seed)
+        kind = combination_type.removesuffix("_svd")
+        for name, layer in lora_layers(peft_model.base_model):
+            if adapter_name not in layer.lora:
+                continue
+            present = [(i, layer.lora[a], w) for i, (a, w) in enumerate(zip(adapters, weights))
+                       if a in layer.lora]
+            if not present:  # a target of the union no source adapter adapts: no change
+                a_new = jnp.zeros((new_rank, layer.in_features))
+                b_new = jnp.zeros((layer.out_features, new_rank))
+            elif combination_type == "cat":
+                a_new = jnp.concatenate([param_value(f.lora_A).T * (w * f.scaling)
+                                         for _, f, w in present])
+                b_new = jnp.concatenate([param_value(f.lora_B).T for _, f, w in present], axis=1)
+                pad = new_rank - a_new.shape[0]
+                a_new = jnp.pad(a_new, ((0, pad), (0, 0)))
+                b_new = jnp.pad(b_new, ((0, 0), (0, pad)))
+            elif combination_type.endswith("svd"):
+                deltas = [f.delta_IxO().T for _, f, _ in present]  # [out, in], scaling included
+                masks = ([mask_fn(name, "delta", i, d.shape, density)
+                          for (i, _, _), d in zip(present, deltas)]
+                         if kind.startswith("dare") else None)
+                delta = cb.combine_tensors(kind, deltas, [w for _, _, w in present],
+                                           density=density, sign_method=majority_sign_method,
+                                           masks=masks)
+                u, sv, vh = cb.canonical_svd(delta, svd_full_matrices)
+                b_new = jnp.asarray(u[:, :new_rank] * sv[None, :new_rank], jnp.float32)
+                a_new = jnp.asarray(vh[:new_rank], jnp.float32)
+                if svd_clamp is not None:
+                    hi = jnp.quantile(jnp.concatenate([b_new.reshape(-1), a_new.reshape(-1)]),
+                                      svd_clamp)
+                    b_new, a_new = jnp.clip(b_new, -hi, hi), jnp.clip(a_new, -hi, hi)
+            else:  # linear, ties, dare_*, magnitude_prune on A and on B separately
+                w_a, w_b = [], []
+                for _, f, w in present:
+                    ws = w * f.scaling  # the sign goes to A only
+                    w_a.append(math.sqrt(abs(ws)) * (1.0 if ws >= 0 else -1.0))
+                    w_b.append(math.sqrt(abs(ws)))
+                parts = []
+                for part, tensors, ws in (
+                        ("lora_A", [param_value(f.lora_A).T for _, f, _ in present], w_a),
+                        ("lora_B", [param_value(f.lora_B).T for _, f, _ in present], w_b)):
+                    masks = ([mask_fn(name, part, i, t.shape, density)
+                              for (i, _, _), t in zip(present, tensors)]
+                             if kind.startswith("dare") else None)
+                    parts.append(cb.combine_tensors(kind, tensors, ws, density=density,
+                                                    sign_method=majority_sign_method,
+                                                    masks=masks))
+                a_new, b_new = parts
+            f = layer.lora[adapter_name]
+            f.lora_A[...] = a_new.T.astype(f.lora_A.dtype)
+            f.lora_B[...] = b_new.T.astype(f.lora_B.dtype)
+
     def peft_entries(self, peft_model) -> dict:
         """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,
         trained biases of adapted layers as ``<module>.base_layer.bias`` (PEFT's wrapper level),

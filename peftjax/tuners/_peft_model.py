@@ -113,6 +113,32 @@ class PeftModel(nnx.Module):
         self._adopt(adapter_name)
         config.activate(self, () if self._disabled else self._active)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             **options) -> None:
+        """Adds ``adapter_name``: a weighted combination of ``adapters`` (not made active), with
+        PEFT's semantics and option names. LoRA: ``combination_type`` (``svd`` by default,
+        ``linear``, ``cat``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and
+        their ``*_svd`` forms), ``svd_rank``, ``svd_clamp``, ``svd_full_matrices``,
+        ``density``, ``majority_sign_method`` (``total`` / ``frequency``); DARE's random masks
+        from ``seed`` (default 0) or a ``dare_mask(layer, part, index, shape, density)``
+        function. (IA)³: the weighted sum of the vectors. Unlike PEFT, an existing name, an
+        unknown adapter, a mismatch of lengths or a missing ``density`` is an error, not a
+        silent no-op (see ``peftjax/tuners/_combine.py`` for the merge rules)."""
+        _check_name(adapter_name)
+        known = self.peft_configs
+        if adapter_name in known:
+            raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+        missing = [a for a in adapters if a not in known]
+        if missing or not adapters:
+            raise ValueError(f"add_weighted_adapter: no adapter named {missing or adapters}; "
+                             f"the model has {list(known)}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but "
+                             f"{len(weights)} weights")
+        self._refuse_merged("combine adapters")
+        known[adapters[0]].combine(self, list(adapters), [float(w) for w in weights],
+                                   adapter_name, **options)
+
     def load_adapter(self, directory: str, adapter_name: str) -> None:
         """Adds the adapter stored in ``directory`` (PEFT format, same method as the model's)
         under ``adapter_name``, loading strictly (on a mismatch nothing changes)."""

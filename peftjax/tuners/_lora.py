@@ -453,7 +453,19 @@ class LoraConfig(LayerMethod, TunerConfig):
                                   layers_to_transform=None, layers_pattern=None,
                                   exclude_modules=None, loftq_config={})
         peft_model.add_adapter(adapter_name, new, rngs=nnx.Rngs(0))
-        mask_fn = dare_mask or cb.default_dare_mask(seed)
+        try:
+            self._fill_combination(peft_model, adapters, weights, adapter_name, new_rank,
+                                   combination_type, svd_clamp, svd_full_matrices, density,
+                                   majority_sign_method, dare_mask or cb.default_dare_mask(seed))
+        except Exception:
+            peft_model.delete_adapter(adapter_name)  # no half-made adapter is left behind
+            raise
+
+    @staticmethod
+    def _fill_combination(peft_model, adapters, weights, adapter_name, new_rank,
+                          combination_type, svd_clamp, svd_full_matrices, density,
+                          majority_sign_method, mask_fn) -> None:
+        from peftjax.tuners import _combine as cb
         kind = combination_type.removesuffix("_svd")
         for name, layer in lora_layers(peft_model.base_model):
             if adapter_name not in layer.lora:
@@ -486,6 +498,11 @@ class LoraConfig(LayerMethod, TunerConfig):
                                       svd_clamp)
                     b_new, a_new = jnp.clip(b_new, -hi, hi), jnp.clip(a_new, -hi, hi)
             else:  # linear, ties, dare_*, magnitude_prune on A and on B separately
+                ranks = {f.r for _, f, _ in present}
+                if len(ranks) > 1:
+                    raise ValueError(f"add_weighted_adapter: {name} has ranks {sorted(ranks)} "
+                                     f"in the adapters (rank_pattern); {combination_type!r} "
+                                     "needs one rank per layer; use 'cat' or an SVD type")
                 w_a, w_b = [], []
                 for _, f, w in present:
                     ws = w * f.scaling  # the sign goes to A only

@@ -225,4 +225,11 @@ def test_combination_errors_are_clear(torch_and_ours):
         ours.add_weighted_adapter(["a"], [1], "b")
     with pytest.raises(ValueError, match="combination_type='avg' must be one of"):
         ours.add_weighted_adapter(["a", "b"], [1, 1], "m", combination_type="avg")
+
+    def failing_mask(*args):
+        raise RuntimeError("mask source failed")
+    with pytest.raises(RuntimeError, match="mask source failed"):  # fails midway: rolled back
+        ours.add_weighted_adapter(["a", "b"], [1, 1], "m", combination_type="dare_linear",
+                                  density=0.5, dare_mask=failing_mask)
     assert "m" not in ours.peft_configs
+    assert all("m" not in layer.lora for _, layer in lora_layers(ours.base_model))

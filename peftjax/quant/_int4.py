@@ -34,7 +34,7 @@ from flax import nnx
 
 from peftjax.models._layers import Linear, param_value
 from peftjax.quant._formats import INT4_GROUP_SIZES as GROUP_SIZES
-from peftjax.quant._linear import QuantizedLinear, QuantWeight
+from peftjax.quant._linear import QuantizedLinear, QuantWeight, check_divides
 
 MAXQ = 15
 
@@ -97,12 +97,7 @@ class Int4Linear(QuantizedLinear):
                  axes: tuple[str, str], dtype, group_size: int = 128, weight_dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         check_group_size(group_size)
-        if in_features % group_size:
-            raise ValueError(
-                f"a {in_features}->{out_features} linear layer cannot be stored in INT4 with "
-                f"group size {group_size}: in_features must be a multiple of the group size. "
-                "Keep this layer in full precision (QuantConfig.skip_modules) or pick a group "
-                "size that divides it.")
+        check_divides(in_features, out_features, group_size, "INT4", "group size")
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.axes = dtype, axes
         self.blocksize = self.group_size = group_size
@@ -190,9 +185,6 @@ class Int4Linear(QuantizedLinear):
 
     def quant_state(self):
         raise TypeError("an INT4 layer has no bitsandbytes quant state")
-
-    def scales_OxB(self):
-        return param_value(self.scales).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------ GPTQ layout

@@ -27,6 +27,17 @@ from peftjax.quant._formats import (CODES, NESTED_BLOCKSIZE, QuantState, block_s
 STATE_NAMES = ("absmax", "nested_absmax", "offset", "nested_code", "scales", "zeros", "g_idx")
 
 
+def check_divides(in_features: int, out_features: int, size: int, storage: str,
+                  what: str) -> None:
+    """Refuses a layer whose input width the quantization block/group ``size`` does not
+    divide, naming the way out."""
+    if in_features % size:
+        raise ValueError(
+            f"a {in_features}->{out_features} linear layer cannot be stored in {storage} with "
+            f"{what} {size}: in_features must be a multiple of the {what}. Keep this layer in "
+            f"full precision (QuantConfig.skip_modules) or pick a {what} that divides it.")
+
+
 class QuantWeight(nnx.Variable):
     """Frozen 4-bit storage (packed codes and their quantization state)."""
 
@@ -49,12 +60,7 @@ class QuantizedLinear(Linear):
         """``weight_dtype``: the dtype W had before quantization (what dequantization gives);
         ``param_dtype``: the bias's; ``rngs`` is unused (nothing is random)."""
         check_format(quant_type, blocksize)
-        if in_features % blocksize:
-            raise ValueError(
-                f"a {in_features}->{out_features} linear layer cannot be stored in 4 bits with "
-                f"blocksize {blocksize}: in_features must be a multiple of the blocksize. Keep "
-                "this layer in full precision (QuantConfig.skip_modules) or pick a blocksize "
-                "that divides it.")
+        check_divides(in_features, out_features, blocksize, "4 bits", "blocksize")
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.axes = dtype, axes
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant

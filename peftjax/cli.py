@@ -140,6 +140,17 @@ def _export(args) -> int:
     cfg = _load(args)
     model, step = load_trained_model(cfg, step=args.step, progress=not args.no_progress)
     from peftjax.tuners import PeftModel
+    if cfg.procedure.method is not None:
+        merged = cfg.procedure.procedure_config().final_model(model)
+        if not isinstance(merged, PeftModel):  # ReLoRA: the adapter alone needs merged weights
+            from peftjax.models import save_pretrained
+            from peftjax.tokenizer import load_tokenizer
+            save_pretrained(merged, args.out)
+            load_tokenizer(cfg.model.tokenizer or cfg.model.path,
+                           revision=cfg.model.revision).save_pretrained(args.out)
+            print(f"wrote the model of step {step} ({cfg.procedure.method}: the adapters merged "
+                  f"into the weights) to {args.out}")
+            return 0
     if not isinstance(model, PeftModel):
         raise ValueError(f"peft.method={cfg.peft.method!r} has no adapter to export; the run's "
                          "model/ directory holds the full weights")

@@ -1,9 +1,9 @@
 """Run configuration: YAML validated into frozen dataclasses before anything heavy happens.
 
-A run config has the sections ``model``, ``peft``, ``data``, ``train``, ``eval``, ``mesh`` and
-the key ``output_dir``. Unknown keys fail with the closest valid key; bad values fail with the
-accepted range; ``section.key=value`` overrides (values parsed as YAML) are applied first, so
-they are validated the same way.
+A run config has the sections ``model``, ``peft``, ``data``, ``train``, ``eval``, ``mesh``,
+``quantization``, ``procedure`` and the key ``output_dir``. Unknown keys fail with the closest
+valid key; bad values fail with the accepted range; ``section.key=value`` overrides (values
+parsed as YAML) are applied first, so they are validated the same way.
 
 Example::
 
@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from peftjax.procedures import ProcedureConfig, registered_procedures
 from peftjax.quant._formats import QuantConfig
 from peftjax.tuners._base import TunerConfig, registered
 
@@ -364,6 +365,36 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProcedureSection:
+    """A training procedure around the train step (``peftjax.procedures``): ``method``
+    ``relora`` (or null, the default: none); the other keys are that procedure's fields."""
+
+    method: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # the procedure's keys
+
+    def __post_init__(self):
+        known = tuple(registered_procedures())
+        if self.method is None:
+            if self.options:
+                raise ConfigError(f"config section 'procedure': keys {sorted(self.options)} "
+                                  f"need a method (one of {known})")
+            return
+        if self.method not in known:
+            raise ConfigError(f"config section 'procedure': method={self.method!r} must be "
+                              f"one of {known} (or null)")
+        try:
+            self.procedure_config()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config section 'procedure': {e}") from None
+
+    def procedure_config(self) -> ProcedureConfig:
+        """The procedure's config; the base class (every hook a no-op) when none is set."""
+        if self.method is None:
+            return ProcedureConfig()
+        return registered_procedures()[self.method](**self.options)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelSection
     data: DataSection
@@ -372,9 +403,13 @@ class RunConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     quantization: QuantizationSection = dataclasses.field(default_factory=QuantizationSection)
+    procedure: ProcedureSection = dataclasses.field(default_factory=ProcedureSection)
     output_dir: str = "runs/run"
 
     def __post_init__(self):
+        problems = self.procedure.procedure_config().problems(self)
+        if problems:
+            raise ConfigError("config section 'procedure': " + "; ".join(problems))
         if self.data.task_field:
             tuner = self.peft.tuner_config()
             n = getattr(tuner, "num_tasks", 1)
@@ -411,7 +446,7 @@ def _plain(x):
 
 _SECTIONS = {"model": ModelSection, "peft": PeftSection, "data": DataSection,
              "train": TrainSection, "eval": EvalSection, "mesh": MeshSection,
-             "quantization": QuantizationSection}
+             "quantization": QuantizationSection, "procedure": ProcedureSection}
 
 
 # names from the Hugging Face Trainer / other tools -> ours
@@ -489,7 +524,8 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
 
 
 # sections whose extra keys are another dataclass's fields, collected in one dict field
-_PASS_THROUGH = {PeftSection: "options", TrainSection: "optimizer"}
+_PASS_THROUGH = {PeftSection: "options", TrainSection: "optimizer",
+                 ProcedureSection: "options"}
 
 
 def _pass_through(cls, raw: dict) -> tuple[str | None, type | None, tuple[str, ...]]:
@@ -500,6 +536,11 @@ def _pass_through(cls, raw: dict) -> tuple[str | None, type | None, tuple[str, .
         return "options", target, _method_fields(method) if target else ()
     if cls is TrainSection:
         return "optimizer", OptimizerConfig, _OPTIMIZER_FIELDS
+    if cls is ProcedureSection:
+        method = raw.get("method")
+        target = registered_procedures().get(method) if isinstance(method, str) else None
+        return "options", target, tuple(f.name for f in dataclasses.fields(target)
+                                         if f.init) if target else ()
     return None, None, ()
 
 
@@ -518,6 +559,9 @@ def _section(name: str, cls, raw: Any):
             kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
         elif key in extra:
             passed[key] = _coerce(f"{name}.{key}", value, target_hints[key])
+        elif cls is ProcedureSection and target is None:
+            raise ConfigError(f"unknown key '{name}.{key}': set {name}.method first (one of "
+                              f"{sorted(registered_procedures())}); its keys follow")
         else:
             raise ConfigError(f"unknown key '{name}.{key}'{_closest(key, sorted(fields | set(extra)))}")
     if bag:

@@ -49,8 +49,8 @@ def load_splits(cfg, tokenizer) -> Splits:
                                    for r in (train, validation, test))
     counts = {"train": len(train), "validation": len(validation or []), "test": len(test or [])}
     parts = [tokenize_rows(r, cfg, tokenizer) if r else [] for r in (train, validation, test)]
-    if cfg.packing:
-        parts[0] = pack(parts[0], cfg.max_length)
+    if cfg.packing:  # every split: evaluation rows are the same max_length-token windows
+        parts = [pack(p, cfg.max_length) if p else [] for p in parts]
         buckets = (cfg.max_length,)
     else:
         buckets = cfg.buckets or default_buckets(cfg.max_length)

@@ -4,6 +4,7 @@ global-norm gradient clipping (optax)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from peftjax.config import SCHEDULES, OptimizerConfig  # noqa: F401  (re-exported)
@@ -26,12 +27,26 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig | None = None) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW with :func:`make_schedule`. Initialise it on the
+def scale_by_tree(factors) -> optax.GradientTransformation:
+    """Multiplies each update leaf by its factor (a pytree like the parameters): per-leaf
+    learning rates when it follows the optimizer. Stateless."""
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimizerConfig | None = None, *,
+                   schedule: optax.Schedule | None = None,
+                   lr_scales=None) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with ``schedule`` (default :func:`make_schedule`; a
+    procedure such as ReLoRA passes its own), then with ``lr_scales`` (a pytree like the
+    trainable state) each leaf's update multiplied by its factor. Initialise it on the
     trainable state only (``optimizer.init(trainable)``): frozen weights get no moments."""
     cfg = cfg or OptimizerConfig()
-    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=_decay_mask)
-    if cfg.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    parts = [optax.adamw(schedule or make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                         weight_decay=cfg.weight_decay, mask=_decay_mask)]
+    if cfg.max_grad_norm is not None:
+        parts.insert(0, optax.clip_by_global_norm(cfg.max_grad_norm))
+    if lr_scales is not None:
+        parts.append(scale_by_tree(lr_scales))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)

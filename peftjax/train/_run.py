@@ -81,6 +81,32 @@ def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool
     return model, head_modules(cfg, model)
 
 
+def prepared(cfg: RunConfig, *, splits: Splits | None = None, tokenizer=None,
+             print_fn=print) -> RunConfig:
+    """The run config after its procedure's ``prepare`` hook (surgical fine-tuning chooses the
+    blocks here). ``splits``/``tokenizer``: the run's data, for a procedure that looks at a few
+    batches (None where it must have recorded what it needs, e.g. for eval and export)."""
+    procedure = cfg.procedure.procedure_config()
+
+    def load_model(*, abstract: bool):
+        plain = dataclasses.replace(
+            cfg, peft=dataclasses.replace(cfg.peft, method="full", options={}),
+            quantization=dataclasses.replace(cfg.quantization, quant_type=None),
+            procedure=type(cfg.procedure)())
+        model, _ = build_model(plain, num_labels=splits.num_labels if splits else None,
+                               abstract=abstract, progress=False)
+        return model
+
+    def batches(n: int):
+        stream = BatchStream(splits.train, batch_size=cfg.train.batch_size,
+                             buckets=splits.buckets, seed=cfg.data.shuffle_seed,
+                             pad_id=tokenizer.pad_token_id)
+        return [next(stream) for _ in range(min(n, stream.batches_per_epoch))]
+
+    return procedure.prepare(cfg, load_model=load_model,
+                             batches=batches if splits is not None else None, print_fn=print_fn)
+
+
 def head_modules(cfg: RunConfig, model) -> tuple[str, ...] | None:
     """The modules ``method: head`` trains (``peft.head_modules`` or the model's new head)."""
     if cfg.peft.method != "head":
@@ -218,6 +244,15 @@ class Evaluator:
         return hits / len(examples)
 
 
+def _checkpoint_state(trainable, opt_state, rng, procedure_state: dict) -> dict:
+    """What a checkpoint holds: the trainable state, the optimizer state, the rng, and the
+    frozen weights a procedure changed (ReLoRA's merged kernels)."""
+    state = {"trainable": trainable, "opt_state": opt_state, "rng": rng}
+    if procedure_state:
+        state["procedure"] = procedure_state
+    return state
+
+
 def _total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
     if cfg.train.steps is not None:
         return cfg.train.steps
@@ -268,6 +303,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                  num_labels=splits.num_labels))
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    cfg = prepared(cfg, splits=splits, tokenizer=tok, print_fn=print_fn)
     model, heads = build_model(cfg, num_labels=splits.num_labels, progress=progress)
     mesh = make_mesh(cfg.mesh.mesh_config())
     graphdef, trainable, frozen = split_model(model, modules=heads)
@@ -281,17 +317,24 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                          seed=cfg.data.shuffle_seed, pad_id=tok.pad_token_id)
     total = _total_steps(cfg, stream.batches_per_epoch)
     opt_cfg = cfg.train.optimizer_config(total)
-    optimizer, schedule = make_optimizer(opt_cfg), make_schedule(opt_cfg)
+    procedure = cfg.procedure.procedure_config()
+    schedule = procedure.schedule(make_schedule(opt_cfg))
+    optimizer = make_optimizer(opt_cfg, schedule=schedule,
+                               lr_scales=procedure.learning_rate_scales(trainable))
     opt_state = optimizer.init(trainable)
     base_key = jax.random.key(cfg.train.seed)
+    proc = procedure.attach(graphdef, trainable, frozen,
+                            key=jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1))
     ckpt = RunCheckpointer(ckpt_dir, keep=cfg.train.keep_checkpoints,
                            async_save=cfg.train.async_checkpointing)
     step, best, history = 0, None, {}
     if cfg.train.resume and ckpt.latest_step() is not None:
         step = ckpt.latest_step()
-        state, meta = ckpt.restore(step, like={"trainable": trainable, "opt_state": opt_state,
-                                               "rng": jax.random.key_data(base_key)})
+        state, meta = ckpt.restore(step, like=_checkpoint_state(
+            trainable, opt_state, jax.random.key_data(base_key), proc.saved_state(frozen)))
         trainable, opt_state = state["trainable"], state["opt_state"]
+        if "procedure" in state:
+            frozen = proc.restored(frozen, state["procedure"])
         base_key = jax.random.wrap_key_data(state["rng"])
         stream.restore(meta["data"])
         best, history = meta.get("best"), meta.get("history", {})
@@ -321,8 +364,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         if saved["step"] == step:
             return
         saved["step"] = step
-        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state,
-                         "rng": jax.random.key_data(base_key)},
+        ckpt.save(step, _checkpoint_state(trainable, opt_state, jax.random.key_data(base_key),
+                                          proc.saved_state(frozen)),
                   meta={"data": dataclasses.asdict(stream.position), "best": best,
                         "history": history, "reason": reason})
 
@@ -362,6 +405,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                         f"good checkpoint is {f'{ckpt_dir}/{kept}' if kept is not None else 'none'}"
                         ". Lower train.lr, raise warmup_steps, or keep max_grad_norm set.")
                 step += 1
+                if proc.at_boundary(step) and step < total:
+                    trainable, frozen, opt_state, record = proc.boundary(step, trainable, frozen,
+                                                                         opt_state)
+                    log.write({"step": step, "split": "procedure", **record})
+                    bar.write(f"step {step}: {_fmt(record)}")
                 dt = time.perf_counter() - t0
                 window["t"] += dt
                 step_s += dt
@@ -401,7 +449,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
             best = _better(best, evaluate("validation", splits.validation), metric_name, step)
             if splits.test:
                 history["test"] = evaluate("test", splits.test)
-            nnx.update(model, trainable)
+            nnx.update(model, trainable, frozen)
+            model = procedure.final_model(model)
             if isinstance(model, PeftModel):
                 model.save_pretrained(os.path.join(out_dir, "adapter"))
                 tok.save_pretrained(os.path.join(out_dir, "adapter"))
@@ -458,16 +507,22 @@ def load_trained_model(cfg: RunConfig, *, step: int | None = None, progress: boo
         step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint for step {step}; have {steps}")
+        cfg = prepared(cfg, print_fn=lambda *a: None)
         model, heads = build_model(cfg, progress=progress)
         graphdef, trainable, frozen = split_model(model, modules=heads)
-        optimizer = make_optimizer(cfg.train.optimizer_config())
+        optimizer = make_optimizer(cfg.train.optimizer_config(), lr_scales=cfg.procedure
+                                   .procedure_config().learning_rate_scales(trainable))
         opt_abstract = jax.eval_shape(optimizer.init, trainable)
         rng = jax.random.key_data(jax.random.key(0))
-        state, _ = ckpt.restore(step, like={"trainable": trainable, "opt_state": opt_abstract,
-                                            "rng": rng})
+        proc = cfg.procedure.procedure_config().attach(graphdef, trainable, frozen,
+                                                        key=jax.random.key(0))
+        state, _ = ckpt.restore(step, like=_checkpoint_state(trainable, opt_abstract, rng,
+                                                             proc.saved_state(frozen)))
     finally:
         ckpt.close()
     nnx.update(model, state["trainable"])
+    if "procedure" in state:
+        nnx.update(model, proc.restored(frozen, state["procedure"]))
     return model, step
 
 

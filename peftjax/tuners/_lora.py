@@ -115,6 +115,23 @@ def _lora_delta(scaling: float, dtype) -> Any:
     return delta
 
 
+def initial_factors(k_a, k_b, in_f: int, out_f: int, r: int, init) -> tuple:
+    """PEFT's initial ``(A [in, r], B [r, out])`` (float32) for ``init_lora_weights``: True
+    (A kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or False (both
+    kaiming-uniform)."""
+    bound_a = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)), as torch/PEFT
+    if init == "gaussian":
+        a_IxR = jax.random.normal(k_a, (in_f, r)) / r
+    else:
+        a_IxR = jax.random.uniform(k_a, (in_f, r), minval=-bound_a, maxval=bound_a)
+    if init is False:
+        bound_b = 1.0 / math.sqrt(r)
+        b_RxO = jax.random.uniform(k_b, (r, out_f), minval=-bound_b, maxval=bound_b)
+    else:
+        b_RxO = jnp.zeros((r, out_f))
+    return a_IxR, b_RxO
+
+
 class LoraFactors(nnx.Module):
     """One named adapter's factors in one layer: ``lora_A`` [in, r], ``lora_B`` [r, out]."""
 
@@ -130,17 +147,8 @@ class LoraFactors(nnx.Module):
             in_f //= pool
         pdt = base.weight_dtype
         pdt = jnp.float32 if jnp.issubdtype(pdt, jnp.floating) and jnp.finfo(pdt).bits < 32 else pdt
-        k_a, k_b = rngs.params(), rngs.params()
-        bound_a = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)), as torch/PEFT
-        if init == "gaussian":
-            a_IxR = jax.random.normal(k_a, (in_f, r)) / r
-        else:
-            a_IxR = jax.random.uniform(k_a, (in_f, r), minval=-bound_a, maxval=bound_a)
-        if init is False:
-            bound_b = 1.0 / math.sqrt(r)
-            b_RxO = jax.random.uniform(k_b, (r, out_f), minval=-bound_b, maxval=bound_b)
-        else:
-            b_RxO = jnp.zeros((r, out_f))
+        self.init = init
+        a_IxR, b_RxO = initial_factors(rngs.params(), rngs.params(), in_f, out_f, r, init)
         if factors is not None:
             a_IxR, b_RxO = factors
         in_axis, out_axis = base.weight_axes
@@ -216,6 +224,24 @@ class LoraMixin(AdaptedLayer):
                 kernel_IxO = kernel_IxO / self._dora_merged.factors.pop(n)[None, :]
             kernel_IxO = kernel_IxO - f.delta_IxO().astype(jnp.float32)
         return kernel_IxO, bias_O
+
+    def restart(self, key: jax.Array) -> None:
+        """ReLoRA's restart: folds the active adapters into the frozen weight and starts them
+        again (A as at initialisation from ``key``, B zero), so the layer's output is unchanged
+        while the next adapters learn a new low-rank change. Runs inside jit."""
+        names = tuple(n for n in self.active if n not in self.merged)
+        if self.quantized or any(self.lora[n].dora or self.lora[n].pool for n in names):
+            raise TypeError("a ReLoRA restart merges into a float weight with plain LoRA "
+                            "(not 4-bit bases, DoRA or QA-LoRA)")
+        self._write(self.fold, names)
+        for i, n in enumerate(names):
+            f = self.lora[n]
+            a, b = param_value(f.lora_A), param_value(f.lora_B)
+            k_a, k_b = jax.random.split(jax.random.fold_in(key, i))
+            new_a, new_b = initial_factors(k_a, k_b, a.shape[0], b.shape[1], f.r,
+                                           True if f.init == "loftq" else f.init)
+            f.lora_A[...] = new_a.astype(a.dtype)
+            f.lora_B[...] = new_b.astype(b.dtype)
 
     def folds_into_quantized(self, names) -> bool:
         """QA-LoRA adapters over an INT4 base whose quantization groups lie inside the

@@ -120,6 +120,19 @@ def test_text_packing(chat_tok):
     assert np.array_equal(np.concatenate([p["input_ids"] for p in packed]), stream[:16 * len(packed)])
 
 
+def test_packing_packs_the_evaluation_splits_too(chat_tok, tmp_path):
+    """Texts longer than max_length stay whole when packing (they are cut into rows), in the
+    validation and test splits too: no evaluation row exceeds the one bucket."""
+    for split in ("train", "validation", "test"):
+        rows = [{"text": " ".join(f"word{i}-{j}" for j in range(40))} for i in range(6)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = load_splits(DataSection(source=str(tmp_path), format="text", max_length=32,
+                                     packing=True), chat_tok)
+    assert splits.buckets == (32,)
+    for part in (splits.train, splits.validation, splits.test):
+        assert len(part) > 6 and all(len(ex["input_ids"]) == 32 for ex in part)
+
+
 def _examples(n=50, seed=0):
     rs = np.random.RandomState(seed)
     return [{"input_ids": np.arange(1, rs.randint(3, 60), dtype=np.int32), "labels": i % 2}

@@ -58,12 +58,30 @@ def write_config(tmp_path, model_path, name="run", **sections):
     return str(path), cfg["output_dir"]
 
 
-def cli(*args, env=None, timeout=600, check=None):
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "peftjax.cli", *args, "--no-progress"]
-                          if args[0] in ("train", "eval", "export") else
-                          [sys.executable, "-m", "peftjax.cli", *args],
-                          capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+def cli(*args, env=None, timeout=600, check=None, subprocess_run=None):
+    """Runs ``peftjax ARGS``; returns an object with ``returncode``, ``stdout``, ``stderr``.
+    In this process (``peftjax.cli.main``, output captured) unless ``env`` is given or
+    ``subprocess_run`` is set: a process of its own (fault injection by environment, signals),
+    which costs ~6 s of imports per call."""
+    full = [*args, "--no-progress"] if args[0] in ("train", "eval", "export") else list(args)
+    if env is not None or subprocess_run:
+        proc = subprocess.run([sys.executable, "-m", "peftjax.cli", *full], capture_output=True,
+                              text=True, env={**os.environ, **(env or {})}, timeout=timeout,
+                              cwd=REPO)
+    else:
+        import contextlib
+        import io
+        import types
+
+        from peftjax.cli import main
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(full)
+            except SystemExit as e:  # argparse errors
+                code = e.code
+        proc = types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
+                                     stderr=err.getvalue())
     if check is not None and proc.returncode != check:
         raise AssertionError(f"peftjax {' '.join(args)} exited {proc.returncode} (wanted {check})"
                              f"\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")

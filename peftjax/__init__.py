@@ -2,7 +2,7 @@
 
 from peftjax import models, train
 from peftjax.generation import Generation, generate
-from peftjax.procedures import ReLoraConfig, SurgicalConfig, rank_layers
+from peftjax.procedures import LongLoraConfig, ReLoraConfig, SurgicalConfig, rank_layers
 from peftjax.tokenizer import load_tokenizer
 from peftjax.tuners import (AdaptionPromptConfig, BottleneckConfig, IA3Config, LoraConfig, PeftModel,
                             PrefixTuningConfig, PromptTuningConfig, TiedLoraConfig, VeraConfig,
@@ -11,7 +11,7 @@ from peftjax.tuners import (AdaptionPromptConfig, BottleneckConfig, IA3Config, L
 __version__ = "0.1.0"
 
 __all__ = ["AdaptionPromptConfig", "BottleneckConfig", "Generation", "IA3Config", "LoraConfig",
-           "PeftModel", "PrefixTuningConfig", "PromptTuningConfig", "ReLoraConfig",
+           "LongLoraConfig", "PeftModel", "PrefixTuningConfig", "PromptTuningConfig", "ReLoraConfig",
            "SurgicalConfig", "TiedLoraConfig", "VeraConfig", "count_parameters", "generate",
            "get_peft_model", "load_tokenizer", "models", "prompt_bank", "rank_layers", "train",
            "__version__"]

@@ -120,7 +120,9 @@ def _raise(section: str, problems: list[str]) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """``path``: local directory, Hub id or ``pkg:PACKAGE[/SUBDIR]``. ``task``: default from the
-    checkpoint. ``dtype``: compute dtype; ``param_dtype``: storage dtype of frozen weights."""
+    checkpoint. ``dtype``: compute dtype; ``param_dtype``: storage dtype of frozen weights.
+    ``config_overrides``: ``config.json`` keys replaced before the model is built (e.g.
+    ``rope_scaling: {rope_type: linear, factor: 2.0}`` for a longer context)."""
 
     path: str = ""
     task: str | None = None
@@ -129,6 +131,7 @@ class ModelSection:
     param_dtype: str | None = None
     revision: str | None = None
     tokenizer: str | None = None  # default: ``path``
+    config_overrides: dict | None = None  # config.json keys replaced (e.g. rope_scaling)
 
     def __post_init__(self):
         p: list[str] = []

@@ -11,6 +11,8 @@ for the flattened query heads x head_dim, ``kv_heads`` likewise for keys/values,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -348,6 +350,79 @@ def _scores(q_BTKGD: Array, k_BSKD: Array, scale: float, softcap: float | None) 
     return jnp.tanh(s / softcap) * softcap if softcap is not None else s
 
 
+# LongLoRA's shifted sparse attention: the group size as a fraction of the sequence, set while
+# a train step is traced (peftjax.procedures' longlora); None: full attention
+_S2_GROUP_RATIO: contextvars.ContextVar = contextvars.ContextVar("s2_group_ratio", default=None)
+
+
+@contextlib.contextmanager
+def shifted_sparse_attention(group_size_ratio: float | None):
+    """Within this context (at trace time), self-attention over a whole sequence of length T
+    is LongLoRA's S2-Attn with groups of ``T * group_size_ratio`` tokens (see
+    :func:`s2_attention`); attention over a cache (generation) stays full."""
+    token = _S2_GROUP_RATIO.set(group_size_ratio)
+    try:
+        yield
+    finally:
+        _S2_GROUP_RATIO.reset(token)
+
+
+def s2_group_size(T: int, ratio: float) -> int:
+    """The S2-Attn group size for sequence length ``T`` (even, dividing ``T``)."""
+    g = int(round(T * ratio))
+    if g < 2 or g % 2 or T % g:
+        raise ValueError(f"shifted sparse attention: group_size_ratio={ratio} gives groups of "
+                         f"{T * ratio:g} tokens at sequence length {T}; a group must be an even "
+                         f"number of tokens that divides the length (choose lengths/buckets that "
+                         "are multiples of 2 / group_size_ratio)")
+    return g
+
+
+def s2_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *, group: int,
+                 scale: float, softcap: float | None = None, dropout_rate: float = 0.0,
+                 dropout_rng: Array | None = None) -> Array:
+    """LongLoRA's shifted sparse attention (S2-Attn) over a sequence (keys = queries, T = S):
+    the sequence is cut into groups of ``group`` tokens and each query attends only within its
+    group; the second half of the heads (keys/values repeated per query head, as LongLoRA does
+    for grouped-query models) works on the sequence shifted by half a group, so their groups
+    straddle the first half's boundaries. ``mask_BTS`` (causal, padding, windows) still
+    applies, taken at the original positions: the group that wraps around the end (the paper's
+    roll) lets a token see only what the mask allows, so nothing leaks from the future.
+    Cost O(T * group) instead of O(T^2). Returns [B, T, H, D]."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    if k_BSKD.shape[1] != T or T % group:
+        raise ValueError(f"S2-Attn needs keys for the whole sequence and groups dividing it "
+                         f"(T={T}, S={k_BSKD.shape[1]}, group={group})")
+    k_BTHD = jnp.repeat(k_BSKD, H // K, axis=2)
+    v_BTHD = jnp.repeat(v_BSKD, H // K, axis=2)
+    N, half, shift = T // group, H // 2, group // 2
+    neg = jnp.finfo(jnp.float32).min
+
+    def grouped(q, k, v, mask, rng):
+        h = q.shape[2]
+        q, k, v = (a.reshape(B, N, group, h, D) for a in (q, k, v))
+        m = jnp.diagonal(mask.reshape(B, N, group, N, group), axis1=1, axis2=3)  # [B, g, g, N]
+        m = jnp.moveaxis(m, -1, 1)  # [B, N, g, g]
+        s = jnp.einsum("bnthd,bnshd->bnhts", q, k.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
+        p = jax.nn.softmax(jnp.where(m[:, :, None], s, neg), axis=-1)
+        p = dropout(p, dropout_rate, rng).astype(q.dtype)
+        return jnp.einsum("bnhts,bnshd->bnthd", p, v.astype(q.dtype)).reshape(B, T, h, D)
+
+    def roll(a, n):
+        return jnp.roll(a, n, axis=1)
+
+    plain = grouped(q_BTHD[:, :, :half], k_BTHD[:, :, :half], v_BTHD[:, :, :half], mask_BTS,
+                    fold(dropout_rng, 0))
+    mask_rolled = jnp.roll(roll(mask_BTS, -shift), -shift, axis=2)
+    shifted = grouped(roll(q_BTHD[:, :, half:], -shift), roll(k_BTHD[:, :, half:], -shift),
+                      roll(v_BTHD[:, :, half:], -shift), mask_rolled, fold(dropout_rng, 1))
+    return jnp.concatenate([plain, roll(shifted, shift)], axis=2)
+
+
 def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *,
                           scale: float, softcap: float | None = None,
                           extra: ExtraKV | None = None, dropout_rate: float = 0.0,
@@ -356,9 +431,19 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS:
 
     Masked scores are set to the most negative float32 (not -inf), so a query that sees no key
     (a padding row) gets a uniform distribution instead of NaN. ``extra`` (projected) adds
-    keys/values as :class:`ExtraKV` describes.
+    keys/values as :class:`ExtraKV` describes. Inside :func:`shifted_sparse_attention`,
+    self-attention over a whole sequence is :func:`s2_attention`.
     """
     B, T, H, D = q_BTHD.shape
+    ratio = _S2_GROUP_RATIO.get()
+    if ratio is not None and T == k_BSKD.shape[1]:
+        if extra is not None:
+            raise ValueError("shifted sparse attention (LongLoRA) does not combine with "
+                             "prefix / adaption-prompt keys; use it with LoRA")
+        out = s2_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, group=s2_group_size(T, ratio),
+                           scale=scale, softcap=softcap, dropout_rate=dropout_rate,
+                           dropout_rng=dropout_rng)
+        return checkpoint_name(out, "attn_out")
     K = k_BSKD.shape[2]
     q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
     neg = jnp.finfo(jnp.float32).min

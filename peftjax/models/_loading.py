@@ -137,8 +137,9 @@ def _build(cls, cfg, dtype, param_dtype, seed):
 
 
 def _resolve(name_or_path: str, task: str | None, num_labels: int | None, revision: str | None,
-             config_only: bool = False):
-    """``(model_dir, config_path, parsed config, model class)`` from ``config.json`` alone."""
+             config_only: bool = False, config_overrides: dict | None = None):
+    """``(model_dir, config_path, parsed config, model class)`` from ``config.json`` alone
+    (with ``config_overrides``' top-level keys replaced)."""
     model_dir = resolve_model_dir(name_or_path, revision=revision, config_only=config_only)
     config_path = os.path.join(model_dir, "config.json")
     try:
@@ -146,6 +147,12 @@ def _resolve(name_or_path: str, task: str | None, num_labels: int | None, revisi
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e}).") from e
+    if config_overrides:
+        if "rope_scaling" in config_overrides and config.get("rope_parameters"):
+            raise ValueError(f"{config_path} describes RoPE with rope_parameters (transformers "
+                             "5), which take precedence over rope_scaling: override "
+                             "rope_parameters instead")
+        config = {**config, **config_overrides}
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise UnsupportedConfigError(f"{config_path}: model_type={model_type!r} is not supported; "
@@ -162,14 +169,16 @@ def _resolve(name_or_path: str, task: str | None, num_labels: int | None, revisi
 
 def abstract_model(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
                    dtype: Any = jnp.float32, param_dtype: Any = None, revision: str | None = None,
-                   seed: int = 0, then=None, quantization=None) -> nnx.Module:
+                   seed: int = 0, then=None, quantization=None,
+                   config_overrides: dict | None = None) -> nnx.Module:
     """The model :func:`from_pretrained` would return, with ``jax.ShapeDtypeStruct`` leaves
     instead of weights: reads only ``config.json`` (for planning memory and dry runs).
     ``then(model) -> model`` (e.g. adding adapters) runs inside the same abstract evaluation;
     ``quantization`` (a QuantConfig) gives the 4-bit layers their packed shapes."""
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
-    _, _, cfg, cls = _resolve(name_or_path, task, num_labels, revision, config_only=True)
+    _, _, cfg, cls = _resolve(name_or_path, task, num_labels, revision, config_only=True,
+                              config_overrides=config_overrides)
     then = then or (lambda m: m)
 
     def build():
@@ -184,7 +193,8 @@ def abstract_model(name_or_path: str, *, task: str | None = None, num_labels: in
 
 def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = None, revision: str | None = None,
-                    seed: int = 0, progress: bool = True, quantization=None) -> nnx.Module:
+                    seed: int = 0, progress: bool = True, quantization=None,
+                    config_overrides: dict | None = None) -> nnx.Module:
     """Loads a Hugging Face checkpoint into a peftjax (Flax NNX) model.
 
     Args:
@@ -204,6 +214,9 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
         one full-precision tensor, never the full-precision model. A checkpoint that
         transformers saved with bitsandbytes 4-bit (``quantization_config`` in config.json)
         loads its 4-bit layers as stored, with or without this argument.
+      config_overrides: top-level ``config.json`` keys replaced before the model is built,
+        e.g. ``{"rope_scaling": {"rope_type": "linear", "factor": 2.0}}`` (position
+        interpolation for a longer context); a saved model keeps them in its config.json.
 
     Raises:
       CheckpointError: missing/unexpected weights, shape mismatches, corrupt files, bad paths.
@@ -216,7 +229,8 @@ def from_pretrained(name_or_path: str, *, task: str | None = None, num_labels: i
     """
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
-    model_dir, config_path, cfg, cls = _resolve(name_or_path, task, num_labels, revision)
+    model_dir, config_path, cfg, cls = _resolve(name_or_path, task, num_labels, revision,
+                                                config_overrides=config_overrides)
     model = nnx.eval_shape(lambda: _build(cls, cfg, dtype, param_dtype, seed))
     index = _checkpoint_index(model_dir)
     files: dict[str, SafetensorsFile] = {}

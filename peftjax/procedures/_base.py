@@ -14,6 +14,7 @@ only talk to these hooks (defaults: do nothing):
 - ``schedule(schedule)``: the learning-rate schedule to train with, given the run's.
 - ``learning_rate_scales(trainable)``: a pytree like ``trainable`` of per-leaf learning-rate
   factors, or None.
+- ``training_context()``: a context manager entered while the train step is traced.
 - ``attach(graphdef, trainable, frozen, key=)``: a :class:`ProcedureRun` for this model; it acts at
   step boundaries and names the frozen weights a checkpoint must hold because they no longer
   equal the base checkpoint's.
@@ -22,6 +23,7 @@ only talk to these hooks (defaults: do nothing):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, ClassVar
 
@@ -68,6 +70,11 @@ class ProcedureConfig:
 
     def learning_rate_scales(self, trainable):
         return None
+
+    def training_context(self):
+        """A context manager entered while the train step is traced (not the eval step):
+        model behaviour for training only (LongLoRA's shifted sparse attention)."""
+        return contextlib.nullcontext()
 
     def final_model(self, model: nnx.Module) -> nnx.Module:
         """The model a run (and ``peftjax export``) saves: a ``PeftModel`` saves its adapter,

@@ -60,7 +60,8 @@ def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool
     m, task = cfg.model, run_task(cfg)
     kw = dict(task=task, num_labels=m.num_labels or num_labels, dtype=jnp.dtype(m.dtype),
               param_dtype=jnp.dtype(m.param_dtype or m.dtype), revision=m.revision,
-              seed=cfg.train.seed, quantization=cfg.quantization.quant_config())
+              seed=cfg.train.seed, quantization=cfg.quantization.quant_config(),
+              config_overrides=m.config_overrides)
     if task not in ("sequence_classification", "token_classification"):
         kw.pop("num_labels")
 
@@ -341,7 +342,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         print_fn(f"resumed from {ckpt_dir}/{step} (data epoch {stream.position.epoch}, batch "
                  f"{stream.position.index})")
 
-    train_step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps)
+    train_step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps,
+                                 context=procedure.training_context)
     evaluator = Evaluator(cfg, graphdef, task, tok, splits.buckets, mesh)
     log = _MetricsLog(out_dir)
     compiled, compile_s, step_s = {}, 0.0, 0.0

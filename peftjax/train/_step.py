@@ -101,7 +101,7 @@ def _check_batch(batch: Batch, accum_steps: int) -> int:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-                    task: str, accum_steps: int = 1):
+                    task: str, accum_steps: int = 1, context=None):
     """The jitted ``train_step(trainable, opt_state, frozen, batch, rng)`` ->
     ``(trainable, opt_state, metrics)``.
 
@@ -110,7 +110,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     for no dropout) drives dropout in the model and in LoRA. With ``accum_steps > 1`` the batch
     is split into that many microbatches whose gradients are summed, so the update equals one
     step on the whole batch while activations exist for one microbatch at a time.
-    The loss is the mean over all target tokens (or examples) of the batch.
+    The loss is the mean over all target tokens (or examples) of the batch. ``context``: a
+    callable returning a context manager entered while the step is traced (a procedure's
+    training-only model behaviour, e.g. LongLoRA's shifted sparse attention).
     ``metrics``: ``loss``, ``accuracy``, ``targets`` (count) and ``grad_norm`` (before
     clipping).
     """
@@ -128,6 +130,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return grads, jnp.stack([loss_sum, n, correct])
 
     def step(trainable, opt_state, frozen, batch, rng):
+        if context is not None:
+            with context():
+                return plain_step(trainable, opt_state, frozen, batch, rng)
+        return plain_step(trainable, opt_state, frozen, batch, rng)
+
+    def plain_step(trainable, opt_state, frozen, batch, rng):
         B = _check_batch(batch, accum_steps)
         if accum_steps == 1:
             grads, sums = sums_and_grads(trainable, frozen, batch, rng)

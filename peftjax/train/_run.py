@@ -35,7 +35,7 @@ from peftjax.models import abstract_model, from_pretrained, save_pretrained
 from peftjax.quant._linear import STATE_NAMES, QuantizedLinear
 from peftjax.tokenizer import load_tokenizer
 from peftjax.train._optim import make_optimizer, make_schedule
-from peftjax.train._sharding import make_mesh, shard_batch, shard_state
+from peftjax.train._sharding import make_mesh, replicate_single, shard_batch, shard_state
 from peftjax.train._step import (make_eval_step, make_train_step, set_remat, split_model,
                                  summarize)
 from peftjax.tuners import PeftModel, get_peft_model
@@ -322,7 +322,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     schedule = procedure.schedule(make_schedule(opt_cfg))
     optimizer = make_optimizer(opt_cfg, schedule=schedule,
                                lr_scales=procedure.learning_rate_scales(trainable))
-    opt_state = optimizer.init(trainable)
+    opt_state = replicate_single(optimizer.init(trainable), mesh)
     base_key = jax.random.key(cfg.train.seed)
     proc = procedure.attach(graphdef, trainable, frozen,
                             key=jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1))
@@ -333,6 +333,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         step = ckpt.latest_step()
         state, meta = ckpt.restore(step, like=_checkpoint_state(
             trainable, opt_state, jax.random.key_data(base_key), proc.saved_state(frozen)))
+        state = replicate_single(state, mesh)  # (the rng data is restored onto one device)
         trainable, opt_state = state["trainable"], state["opt_state"]
         if "procedure" in state:
             frozen = proc.restored(frozen, state["procedure"])
@@ -554,6 +555,7 @@ def evaluate_checkpoint(cfg: RunConfig, *, split: str = "test", step: int | None
     heads = None if model_dir is not None else head_modules(cfg, model)
     graphdef, trainable, frozen = split_model(model, modules=heads)
     mesh = make_mesh(cfg.mesh.mesh_config())
+    trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
     result = Evaluator(cfg, graphdef, run_task(cfg), tok, splits.buckets, mesh)(
         examples, trainable, frozen)
     return {"step": step, "split": split, **result}

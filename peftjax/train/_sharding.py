@@ -104,6 +104,21 @@ def shard_state(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
+def replicate_single(tree, mesh: Mesh):
+    """``tree`` with every array that lives on one device replicated over ``mesh`` (e.g. the
+    optimizer's step count, which ``optimizer.init`` puts on the default device: restored
+    into that placement it would not meet the sharded parameters in one computation)."""
+    if mesh.size == 1:
+        return tree
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) == 1:
+            return jax.device_put(x, replicated)
+        return x
+    return jax.tree.map(place, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 

@@ -91,17 +91,75 @@ def test_jagged_schedule_and_moment_pruning():
                                   state[1][0].mu["classifier"]["kernel"])  # not a factor: kept
 
 
+def _relora_config(tmp_path, model_dir, **mesh):
+    return write_config(
+        tmp_path, model_dir, "relora",
+        peft={"r": 2, "target_modules": ["query", "value"]},
+        train={"steps": 10, "save_every": 3, "keep_checkpoints": 5},
+        procedure={"method": "relora", "reset_every": 4, "optimizer_reset_ratio": 0.9,
+                   "restart_warmup_steps": 2}, **({"mesh": mesh} if mesh else {}))
+
+
+def _resume_from_six(tmp_path, cfg_path, out):
+    """Runs the config again from its step-6 checkpoint (in a copy of the run directory);
+    returns ``(summary, copy directory)``."""
+    from peftjax.train._run import run_training
+    copy = str(tmp_path / "resumed")
+    shutil.copytree(out, copy)
+    for d in ("9", "10"):
+        shutil.rmtree(os.path.join(copy, "checkpoints", d))
+    shutil.rmtree(os.path.join(copy, "model"))
+    raw = yaml.safe_load(open(cfg_path))
+    raw.update(output_dir=copy)
+    raw["train"]["resume"] = True
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(raw))
+    return run_training(load_config(str(tmp_path / "resume.yaml")), progress=False,
+                        print_fn=lambda *a: None), copy
+
+
+def _same_files(a: str, b: str) -> None:
+    from safetensors.numpy import load_file
+    x, y = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (a, b))
+    assert sorted(x) == sorted(y)
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _eight_devices(model_dir: str, tmp: str) -> None:
+    """(Run in a process with 8 CPU devices.) ReLoRA on a data 4 x fsdp 2 mesh: restarts keep
+    the shardings, a resumed run (restored state placed on the mesh) ends bit-identical, and a
+    checkpoint evaluates."""
+    import pathlib
+
+    from peftjax.train._run import evaluate_checkpoint, run_training
+    tmp_path = pathlib.Path(tmp)
+    cfg_path, out = _relora_config(tmp_path, model_dir, data=4, fsdp=2)
+    summary = run_training(load_config(cfg_path), progress=False, print_fn=lambda *a: None)
+    again, copy = _resume_from_six(tmp_path, cfg_path, out)
+    _same_files(out, copy)
+    result = evaluate_checkpoint(load_config(cfg_path), split="test", progress=False)
+    assert result["accuracy"] == summary["test"]["accuracy"] == again["test"]["accuracy"]
+
+
+def test_relora_on_eight_devices_resumes_bit_identically(tiny_bert, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    code = (f"from tests.train.test_relora import _eight_devices; "
+            f"_eight_devices({tiny_bert!r}, {str(tmp_path)!r})")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def test_relora_run_resumes_mid_cycle_bit_identically(tiny_bert, tmp_path):  # noqa: F811
     from safetensors.numpy import load_file
 
     from peftjax.cli import main
     from peftjax.train._run import evaluate_checkpoint, run_training
-    cfg_path, out = write_config(
-        tmp_path, tiny_bert, "relora",
-        peft={"r": 2, "target_modules": ["query", "value"]},
-        train={"steps": 10, "save_every": 3, "keep_checkpoints": 5},
-        procedure={"method": "relora", "reset_every": 4, "optimizer_reset_ratio": 0.9,
-                   "restart_warmup_steps": 2})
+    cfg_path, out = _relora_config(tmp_path, tiny_bert)
     cfg = load_config(cfg_path)
     quiet = dict(progress=False, print_fn=lambda *a: None)
     summary = run_training(cfg, **quiet)
@@ -122,22 +180,11 @@ def test_relora_run_resumes_mid_cycle_bit_identically(tiny_bert, tmp_path):  # n
     assert 2 < rank <= 6, rank  # resets at 4 and 8 and the final merge: up to 3 r
 
     # resume from step 6 (after the reset at 4: the checkpoint must hold the merged kernels)
-    copy = str(tmp_path / "resumed")
-    shutil.copytree(out, copy)
-    for d in ("9", "10"):
-        shutil.rmtree(os.path.join(copy, "checkpoints", d))
-    shutil.rmtree(os.path.join(copy, "model"))
-    raw = yaml.safe_load(open(cfg_path))
-    raw.update(output_dir=copy)
-    raw["train"]["resume"] = True
-    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(raw))
-    again = run_training(load_config(str(tmp_path / "resume.yaml")), **quiet)
+    again, copy = _resume_from_six(tmp_path, cfg_path, out)
     assert again["steps"] == 10
-    resumed = load_file(os.path.join(copy, "model", "model.safetensors"))
-    assert sorted(resumed) == sorted(final)
-    for k in final:
-        np.testing.assert_array_equal(resumed[k], final[k], err_msg=k)
-    assert again["test"] == summary["test"]
+    _same_files(out, copy)
+    assert {k: v for k, v in again["test"].items() if k != "seconds"} == {
+        k: v for k, v in summary["test"].items() if k != "seconds"}
 
     # eval and export of a mid-cycle checkpoint use the merged kernels it holds
     result = evaluate_checkpoint(cfg, split="test", progress=False)
@@ -159,7 +206,8 @@ def test_relora_config_errors(tiny_bert, tmp_path):  # noqa: F811
     assert "reset_every=None must be an integer >= 1" in error("procedure.method=relora")
     assert "did you mean 'reset_every'" in error("procedure.method=relora",
                                                  "procedure.reset_evry=5")
-    assert "must be one of ('relora',)" in error("procedure.method=relorra")
+    msg = error("procedure.method=relorra")
+    assert "method='relorra' must be one of" in msg and "'relora'" in msg
     assert "set procedure.method first" in error("procedure.reset_every=5")
     msg = error("procedure.method=relora", "procedure.reset_every=5", "peft.use_dora=true")
     assert "peft.use_dora is set" in msg

@@ -9,8 +9,10 @@ only talk to these hooks (defaults: do nothing):
 
 - ``problems(run_cfg)``: what in the run config the procedure cannot work with (checked when
   the config is validated, before anything loads).
-- ``prepare(run_cfg, *, load_model, batches, print_fn)``: the run config to train with, decided
-  before the model is built (surgical fine-tuning ranks the blocks here).
+- ``prepare(run_cfg, *, load_model, batches, print_fn, fresh)``: the run config to train with,
+  decided before the model is built (surgical fine-tuning ranks the blocks here); ``fresh``:
+  the run starts at step 0 (decide anew), otherwise (resume, eval, export) reuse what the run
+  recorded.
 - ``schedule(schedule)``: the learning-rate schedule to train with, given the run's.
 - ``learning_rate_scales(trainable)``: a pytree like ``trainable`` of per-leaf learning-rate
   factors, or None.
@@ -62,7 +64,7 @@ class ProcedureConfig:
     def problems(self, run_cfg) -> list[str]:
         return []
 
-    def prepare(self, run_cfg, *, load_model, batches, print_fn):
+    def prepare(self, run_cfg, *, load_model, batches, print_fn, fresh: bool = False):
         return run_cfg
 
     def schedule(self, schedule):

@@ -192,10 +192,11 @@ class SurgicalConfig(ProcedureConfig):
         order = sorted(range(n_blocks), key=lambda i: (-scores[i], i))
         return sorted(order[:k])
 
-    def prepare(self, run_cfg, *, load_model, batches, print_fn):
+    def prepare(self, run_cfg, *, load_model, batches, print_fn, fresh: bool = False):
         path = os.path.join(run_cfg.output_dir, RANKING_FILE)
         rows = None
-        if os.path.isfile(path):  # a resumed run, eval, export: the blocks chosen at the start
+        recorded = os.path.isfile(path) and not fresh
+        if recorded:  # a resumed run, eval, export: the blocks chosen at the start
             with open(path) as f:
                 rows = json.load(f).get("ranking")
             model = load_model(abstract=True)
@@ -212,7 +213,7 @@ class SurgicalConfig(ProcedureConfig):
             raise ValueError(f"{type(model).__name__} has no transformer blocks to choose from")
         scores = [r["score"] for r in rows] if rows else None
         chosen = self.chosen(len(names), scores)
-        if not os.path.isfile(path):
+        if not recorded:
             os.makedirs(run_cfg.output_dir, exist_ok=True)
             tmp = path + ".tmp"
             with open(tmp, "w") as f:

@@ -83,7 +83,7 @@ def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool
 
 
 def prepared(cfg: RunConfig, *, splits: Splits | None = None, tokenizer=None,
-             print_fn=print) -> RunConfig:
+             print_fn=print, fresh: bool = False) -> RunConfig:
     """The run config after its procedure's ``prepare`` hook (surgical fine-tuning chooses the
     blocks here). ``splits``/``tokenizer``: the run's data, for a procedure that looks at a few
     batches (None where it must have recorded what it needs, e.g. for eval and export)."""
@@ -105,7 +105,8 @@ def prepared(cfg: RunConfig, *, splits: Splits | None = None, tokenizer=None,
         return [next(stream) for _ in range(min(n, stream.batches_per_epoch))]
 
     return procedure.prepare(cfg, load_model=load_model,
-                             batches=batches if splits is not None else None, print_fn=print_fn)
+                             batches=batches if splits is not None else None, print_fn=print_fn,
+                             fresh=fresh)
 
 
 def head_modules(cfg: RunConfig, model) -> tuple[str, ...] | None:
@@ -304,7 +305,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                  num_labels=splits.num_labels))
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    cfg = prepared(cfg, splits=splits, tokenizer=tok, print_fn=print_fn)
+    cfg = prepared(cfg, splits=splits, tokenizer=tok, print_fn=print_fn,
+                   fresh=not (has_ckpt and cfg.train.resume))
     model, heads = build_model(cfg, num_labels=splits.num_labels, progress=progress)
     mesh = make_mesh(cfg.mesh.mesh_config())
     graphdef, trainable, frozen = split_model(model, modules=heads)

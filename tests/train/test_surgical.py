@@ -159,3 +159,28 @@ def test_surgical_config_errors(tiny_bert, tmp_path):  # noqa: F811
     assert "does not target blocks" in error(
         "procedure.top_k=1", "peft={method: prompt_tuning, num_virtual_tokens: 4}")
     assert "does not target blocks" in error("procedure.top_k=1", "peft={method: head}")
+
+
+def test_a_fresh_run_ranks_anew_and_a_resumed_one_reuses_the_record(tiny_bert, tmp_path):  # noqa: F811
+    """The ranking file is the run's record: resume/eval/export read it, a run that starts
+    at step 0 writes a new one (a stale file from an earlier run is not reused)."""
+    from peftjax.models import abstract_model
+    cfg_path, out = write_config(tmp_path, tiny_bert, "record",
+                                 procedure={"method": "surgical", "select": "last", "top_k": 1})
+    cfg = load_config(cfg_path)
+    os.makedirs(out)
+    stale = {"select": "rgn", "top_k": 1, "chosen": [0], "blocks": ["x.0", "x.1"],
+             "ranking": [{"block": 0, "score": 1.0}, {"block": 1, "score": 0.5}]}
+    json.dump(stale, open(os.path.join(out, "layer_ranking.json"), "w"))
+
+    def load_model(*, abstract):
+        return abstract_model(tiny_bert, task="sequence_classification")
+
+    proc = cfg.procedure.procedure_config()
+    kw = dict(load_model=load_model, batches=None, print_fn=lambda *a: None)
+    reused = proc.prepare(cfg, **kw, fresh=False)
+    assert reused.procedure.procedure_config().block_scores == (1.0, 0.5)  # the record
+    anew = proc.prepare(cfg, **kw, fresh=True)
+    assert anew.procedure.procedure_config().block_scores is None  # select last: no scoring
+    assert anew.peft.options["layers_to_transform"] == [1]
+    assert json.load(open(os.path.join(out, "layer_ranking.json")))["select"] == "last"

@@ -9,5 +9,5 @@ from peftjax.procedures._surgical import (SurgicalConfig, format_ranking, rank_l
                                           transformer_blocks)
 
 __all__ = ["LongLoraConfig", "ProcedureConfig", "ProcedureRun", "ReLoraConfig", "SurgicalConfig",
-           "format_ranking", "prune_by_magnitude", "prune_moments", "rank_layers", "register_procedure",
-           "registered_procedures", "transformer_blocks"]
+           "format_ranking", "prune_by_magnitude", "prune_moments", "rank_layers",
+           "register_procedure", "registered_procedures", "transformer_blocks"]

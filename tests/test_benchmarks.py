@@ -42,3 +42,13 @@ def test_nf4_matmul_benchmark_runs(tmp_path):
             assert r[3] == "-" and r[9].startswith("skipped: runs on GPU/TPU only"), r
         else:  # bitsandbytes on CPU (the test extra installs it); double quant adds ~2e-3
             assert float(r[3]) > 0 and float(r[8]) < 1e-2, r
+
+
+def test_longlora_benchmark_runs(tmp_path):
+    out = tmp_path / "longlora.md"
+    run_benchmark("longlora.py", out, "--size", "tiny", "--steps", "1")
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.read_text().splitlines()
+            if ln.startswith("| full") or ln.startswith("| S2")]
+    assert [r[0] for r in rows] == ["full attention", "S2-Attn, groups of 1/4",
+                                    "S2-Attn, groups of 1/8"]
+    assert all(float(r[4].replace(",", "")) > 0 for r in rows)  # tokens/s

@@ -212,6 +212,11 @@ class SurgicalConfig(ProcedureConfig):
         if not names:
             raise ValueError(f"{type(model).__name__} has no transformer blocks to choose from")
         scores = [r["score"] for r in rows] if rows else None
+        if recorded and ((self.ranks and scores is None)
+                         or (scores is not None and len(scores) != len(names))):
+            raise ValueError(f"{path} does not hold scores for this model's {len(names)} blocks "
+                             f"(select={self.select!r} needs them): the run was started with "
+                             "other settings; use them, or a new output_dir")
         chosen = self.chosen(len(names), scores)
         if not recorded:
             os.makedirs(run_cfg.output_dir, exist_ok=True)

@@ -184,3 +184,7 @@ def test_a_fresh_run_ranks_anew_and_a_resumed_one_reuses_the_record(tiny_bert, t
     assert anew.procedure.procedure_config().block_scores is None  # select last: no scoring
     assert anew.peft.options["layers_to_transform"] == [1]
     assert json.load(open(os.path.join(out, "layer_ranking.json")))["select"] == "last"
+    # resuming with select: rgn on a record written without scores is refused, with the fix
+    rgn = SurgicalConfig(select="rgn", top_k=1)
+    with pytest.raises(ValueError, match="does not hold scores for this model's 2 blocks"):
+        rgn.prepare(cfg, **kw, fresh=False)

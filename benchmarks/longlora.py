@@ -37,12 +37,10 @@ CASES = (("full attention", None), ("S2-Attn, groups of 1/4", 0.25),
 def build(s: dict, directory: str):
     import torch
     import transformers
-    cfg = transformers.LlamaConfig(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"], max_position_embeddings=s["seq"])
+
+    from train_step import hf_config  # the same Llama config the train-step benchmark builds
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
+    transformers.LlamaForCausalLM(hf_config(s)).save_pretrained(directory)
 
 
 def run(s: dict, directory: str, steps: int) -> list[dict]:

@@ -3,6 +3,7 @@
     peftjax train CONFIG.yaml [KEY=VALUE ...] [--dry-run]   train (or plan) a run
     peftjax eval CONFIG.yaml [KEY=VALUE ...] [--split S] [--step N | --model DIR]
     peftjax export CONFIG.yaml [KEY=VALUE ...] --out DIR [--step N]   PEFT-format adapter
+                                                               (HF model: full/head/ReLoRA)
     peftjax memory CONFIG.yaml [KEY=VALUE ...] [--json FILE]   device memory of the train step
     peftjax merge --model PATH --adapter DIR --out DIR [--dtype D]
                   [--quantization nf4|fp4|int4 [--blocksize N]] [--save-4bit]
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="evaluate this Hugging Face checkpoint (e.g. a merged model from "
                    "`peftjax merge`) on the run's data instead of the run's checkpoint")
-    p = sub.add_parser("export", help="write a run checkpoint as a PEFT-format adapter")
+    p = sub.add_parser("export", help="write a run checkpoint as a PEFT-format adapter (or, "
+                       "for runs that train weights, as a Hugging Face model)")
     _add_config(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
@@ -136,26 +138,15 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from peftjax.train._run import load_trained_model
+    from peftjax.tokenizer import load_tokenizer
+    from peftjax.train._run import load_trained_model, save_result
     cfg = _load(args)
     model, step = load_trained_model(cfg, step=args.step, progress=not args.no_progress)
-    from peftjax.tuners import PeftModel
-    if cfg.procedure.method is not None:
-        merged = cfg.procedure.procedure_config().final_model(model)
-        if not isinstance(merged, PeftModel):  # ReLoRA: the adapter alone needs merged weights
-            from peftjax.models import save_pretrained
-            from peftjax.tokenizer import load_tokenizer
-            save_pretrained(merged, args.out)
-            load_tokenizer(cfg.model.tokenizer or cfg.model.path,
-                           revision=cfg.model.revision).save_pretrained(args.out)
-            print(f"wrote the model of step {step} ({cfg.procedure.method}: the adapters merged "
-                  f"into the weights) to {args.out}")
-            return 0
-    if not isinstance(model, PeftModel):
-        raise ValueError(f"peft.method={cfg.peft.method!r} has no adapter to export; the run's "
-                         "model/ directory holds the full weights")
-    model.save_pretrained(args.out)
-    print(f"wrote the adapter of step {step} to {args.out}")
+    model = cfg.procedure.procedure_config().final_model(model)  # ReLoRA: merged
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, revision=cfg.model.revision)
+    kind = save_result(model, args.out, tok)
+    print(f"wrote the {kind} of step {step} to {args.out}"
+          + (" (Hugging Face format: the run's weights themselves)" if kind == "model" else ""))
     return 0
 
 

@@ -388,7 +388,8 @@ def s2_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *
     straddle the first half's boundaries. ``mask_BTS`` (causal, padding, windows) still
     applies, taken at the original positions: the group that wraps around the end (the paper's
     roll) lets a token see only what the mask allows, so nothing leaks from the future.
-    Cost O(T * group) instead of O(T^2). Returns [B, T, H, D]."""
+    Scores, softmax and their gradients cost O(T * group) instead of O(T^2); the boolean
+    ``mask_BTS`` the model builds stays [B, T, T], as for full attention. Returns [B, T, H, D]."""
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
     if k_BSKD.shape[1] != T or T % group:

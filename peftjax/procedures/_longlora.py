@@ -4,9 +4,9 @@ attention.
 While training, self-attention is S2-Attn (:func:`peftjax.models._layers.s2_attention`):
 the sequence is cut into groups of ``group_size_ratio`` of its length, each token attends
 within its group, and half of the heads work on the sequence shifted by half a group so
-information flows between neighbouring groups; cost O(T * group) instead of O(T^2). Evaluation
-and generation use full attention, as the paper does. The other two parts of the recipe are
-settings of the run, not of this procedure:
+information flows between neighbouring groups; attention scores cost O(T * group) instead of
+O(T^2). Evaluation and generation use full attention, as the paper does. The other two parts of
+the recipe are settings of the run, not of this procedure:
 
 - position interpolation: ``model.config_overrides: {rope_scaling: {rope_type: linear,
   factor: 2.0}, max_position_embeddings: 16384}`` (linear RoPE scaling to the new length;

@@ -246,6 +246,18 @@ class Evaluator:
         return hits / len(examples)
 
 
+def save_result(model, directory: str, tokenizer) -> str:
+    """Writes what a run produces into ``directory`` with the tokenizer: a ``PeftModel``'s
+    adapter (PEFT format) or a plain model's weights (Hugging Face format). Returns
+    ``"adapter"`` or ``"model"``."""
+    if isinstance(model, PeftModel):
+        model.save_pretrained(directory)
+    else:
+        save_pretrained(model, directory)
+    tokenizer.save_pretrained(directory)
+    return "adapter" if isinstance(model, PeftModel) else "model"
+
+
 def _checkpoint_state(trainable, opt_state, rng, procedure_state: dict) -> dict:
     """What a checkpoint holds: the trainable state, the optimizer state, the rng, and the
     frozen weights a procedure changed (ReLoRA's merged kernels)."""
@@ -333,9 +345,9 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     step, best, history = 0, None, {}
     if cfg.train.resume and ckpt.latest_step() is not None:
         step = ckpt.latest_step()
-        state, meta = ckpt.restore(step, like=_checkpoint_state(
-            trainable, opt_state, jax.random.key_data(base_key), proc.saved_state(frozen)))
-        state = replicate_single(state, mesh)  # (the rng data is restored onto one device)
+        # restored leaves take the placement of ``like``: the rng on the mesh too
+        state, meta = ckpt.restore(step, like=replicate_single(_checkpoint_state(
+            trainable, opt_state, jax.random.key_data(base_key), proc.saved_state(frozen)), mesh))
         trainable, opt_state = state["trainable"], state["opt_state"]
         if "procedure" in state:
             frozen = proc.restored(frozen, state["procedure"])
@@ -410,11 +422,6 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                         f"good checkpoint is {f'{ckpt_dir}/{kept}' if kept is not None else 'none'}"
                         ". Lower train.lr, raise warmup_steps, or keep max_grad_norm set.")
                 step += 1
-                if proc.at_boundary(step) and step < total:
-                    trainable, frozen, opt_state, record = proc.boundary(step, trainable, frozen,
-                                                                         opt_state)
-                    log.write({"step": step, "split": "procedure", **record})
-                    bar.write(f"step {step}: {_fmt(record)}")
                 dt = time.perf_counter() - t0
                 window["t"] += dt
                 step_s += dt
@@ -423,6 +430,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                 window["n"] += 1
                 window["tokens"] += int(host_batch["attention_mask"].sum())
                 bar.update(1)
+                if proc.at_boundary(step) and step < total:  # (not timed as a train step)
+                    trainable, frozen, opt_state, record = proc.boundary(step, trainable, frozen,
+                                                                         opt_state)
+                    log.write({"step": step, "split": "procedure", **record})
+                    bar.write(f"step {step}: {_fmt(record)}")
                 if window["n"] and (step % cfg.train.log_every == 0 or step == total):
                     record = {"step": step, "loss": window["loss"] / window["n"],
                               "accuracy": window["acc"] / window["n"],
@@ -456,12 +468,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                 history["test"] = evaluate("test", splits.test)
             nnx.update(model, trainable, frozen)
             model = procedure.final_model(model)
-            if isinstance(model, PeftModel):
-                model.save_pretrained(os.path.join(out_dir, "adapter"))
-                tok.save_pretrained(os.path.join(out_dir, "adapter"))
-            else:
-                save_pretrained(model, os.path.join(out_dir, "model"))
-                tok.save_pretrained(os.path.join(out_dir, "model"))
+            save_result(model, os.path.join(
+                out_dir, "adapter" if isinstance(model, PeftModel) else "model"), tok)
     finally:
         bar.close()
         ckpt.close()

@@ -138,6 +138,13 @@ def test_surgical_first_block_full_and_ia3(tiny_bert, tmp_path, method):  # noqa
         assert changed and all(k.startswith(("bert.encoder.layer.0.", "classifier."))
                                for k in changed), sorted(changed)
         assert any(k.startswith("classifier.") for k in changed)
+        # export of the run's checkpoint: the same weights, in Hugging Face format
+        from peftjax.cli import main
+        assert main(["export", cfg_path, "--out", str(tmp_path / "exported"),
+                     "--no-progress"]) == 0
+        exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+        assert sorted(exported) == sorted(new)
+        assert all(np.array_equal(exported[k], new[k]) for k in new)
     else:
         saved = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
         vectors = [k for k in saved if "ia3_l" in k]

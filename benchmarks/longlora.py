@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import time
@@ -123,11 +122,8 @@ def main() -> None:
         rows = run(s, d, args.steps)
     text = table(rows, s, args.size, device)
     print(text)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"longlora_{args.size}_{device}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
+    from _results import write_result
+    write_result(text, args.out, f"longlora_{args.size}_{device}")
 
 
 if __name__ == "__main__":

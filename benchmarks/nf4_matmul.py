@@ -246,11 +246,8 @@ def main():
     print(HEADER, flush=True)
     rows, info = run(args)
     text = table(rows, info, args)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"nf4_matmul_{args.size}_{info['backend']}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
+    from _results import write_result
+    out = write_result(text, args.out, f"nf4_matmul_{args.size}_{info['backend']}")
     print(text)
     print(f"wrote {out}")
 

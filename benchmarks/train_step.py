@@ -210,12 +210,8 @@ def main():
     text = table(results, s, args)
     print(text)
     device = "gpu" if any(r.get("device_peak") for r in results.values()) else "cpu"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"train_step_{args.size}_{device}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text + "\n")
-    print(f"written to {out}")
+    from _results import write_result
+    print(f"written to {write_result(text, args.out, f'train_step_{args.size}_{device}')}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
     peftjax merge-adapters DIR DIR ... --weights W W ... [--type ties --density D] --out DIR
                                                                combined adapter (PEFT format)
     peftjax generate --model PATH [--adapter DIR] [--chat] PROMPT ...
+    peftjax serve [SERVE.yaml] [--model PATH] [--adapter NAME=DIR ...] [--port N] ...
+                                                               OpenAI-compatible server
 
 Overrides use dotted keys: ``peftjax train cfg.yaml train.lr=1e-4 peft.r=16``.
 Exit codes: 0 done, 1 bad input (config, paths, checkpoints), 2 training diverged, 130
@@ -109,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("prompts", nargs="+")
+    p = sub.add_parser("serve", help="serve a base model with many adapters over an "
+                       "OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
+    p.add_argument("config", nargs="?", default=None, help="YAML file of serve settings "
+                   "(the flags' names with underscores; flags override it)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the PEFT adapter in DIR as model NAME (repeatable)")
+    from peftjax.serving._server import SETTINGS
+    for key, (_, kind, text) in SETTINGS.items():
+        if key != "adapters":
+            p.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
+                           type=kind if kind in (int, str) else str, help=text)
     return ap
 
 
@@ -261,10 +274,27 @@ def _merge_adapters(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from peftjax.serving._server import SETTINGS, load_settings, serve
+    adapters = {}
+    for item in args.adapter:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter takes NAME=DIR, got {item!r}")
+        adapters[name] = directory
+    flags = {k: getattr(args, k) for k in SETTINGS if k != "adapters"}
+    if isinstance(flags.get("targets"), str) and flags["targets"] != "all-linear":
+        flags["targets"] = flags["targets"].split(",")
+    settings = load_settings(args.config, {**flags, "adapters": adapters})
+    if args.config and adapters:  # flags add to the file's adapters
+        settings["adapters"] = {**load_settings(args.config, {})["adapters"], **adapters}
+    return serve(settings)
+
+
 _TASKS = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
           "CAUSAL_LM": "causal_lm"}
 COMMANDS = {"train": _train, "eval": _eval, "export": _export, "memory": _memory, "merge": _merge,
-            "merge-adapters": _merge_adapters, "generate": _generate}
+            "merge-adapters": _merge_adapters, "generate": _generate, "serve": _serve}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -280,11 +310,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _backend_started() -> bool:
+    from jax._src import xla_bridge
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return started() if started is not None else True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if (args.command == "memory" or getattr(args, "dry_run", False)) and "jax" not in sys.modules:
+    if (args.command == "memory" or getattr(args, "dry_run", False)) and not _backend_started():
         # plan with XLA:CPU's memory-minimising scheduler (its default favours concurrency and
-        # keeps buffers alive that GPU/TPU schedulers would free)
+        # keeps buffers alive that GPU/TPU schedulers would free); XLA reads the flags when the
+        # backend starts, which importing jax does not do
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     from peftjax.checkpoint import CheckpointMismatchError

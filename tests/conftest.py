@@ -136,6 +136,18 @@ def batch(vocab: int = 160, lengths=(11, 7), seed: int = 0, left: bool = False,
     return ids, mask
 
 
+def on_eight_devices(code: str, timeout: int = 900) -> None:
+    """Runs Python ``code`` in a subprocess of this repository with 8 simulated CPU devices
+    (XLA reads the device count when it starts, so it cannot change in this process)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def hf_positions(mask):
     """Position ids as transformers' generate computes them (real tokens count from 0)."""
     return np.where(mask == 1, np.cumsum(mask, -1) - 1, 1)

@@ -482,8 +482,10 @@ def gated_attention(q_BTHD: Array, extra: ExtraKV, *, scale: float,
 class KVCache:
     """Preallocated key/value cache: per layer [B, S_max, kv_heads, head_dim].
 
-    ``index`` is the slot where the next token is written. Slots are positions in the padded
-    timeline, not position ids; which slots hold real tokens is the caller's attention mask.
+    ``index`` is the slot where the next token is written: a scalar (every row in step, as in
+    ``peftjax.generate``) or one slot per row [B] (rows at different points of their sequences,
+    as a continuous-batching server keeps them). Slots are positions in the padded timeline,
+    not position ids; which slots hold real tokens is the caller's attention mask.
     """
 
     k: tuple[Array, ...]
@@ -515,7 +517,8 @@ def causal_slots(B: int, T: int, attention_mask, cache: KVCache | None):
     """The preamble of a causal stack: ``(attention_mask [B, S], offset, q_slots [1, T])``.
 
     S is T without a cache and the cache length with one; the current tokens occupy slots
-    ``offset .. offset + T - 1``. A missing mask means every slot holds a real token.
+    ``offset .. offset + T - 1`` (``offset`` and ``q_slots`` per row [B] / [B, T] when the cache
+    index is per row). A missing mask means every slot holds a real token.
     """
     offset = cache.index if cache is not None else 0
     S = cache.max_len if cache is not None else T
@@ -524,12 +527,17 @@ def causal_slots(B: int, T: int, attention_mask, cache: KVCache | None):
     if attention_mask.shape != (B, S):
         raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {(B, S)} "
                          f"({'the cache length' if cache is not None else 'the input length'}).")
+    if jnp.ndim(offset) == 1:  # a per-row cache index
+        return attention_mask, offset, jnp.arange(T, dtype=jnp.int32)[None, :] + offset[:, None]
     return attention_mask, offset, (jnp.arange(T, dtype=jnp.int32) + offset)[None, :]
 
 
 def default_positions(attention_mask_BS: Array, T: int, offset) -> Array:
     """Position ids of the T current tokens: the count of real tokens before each slot."""
     pos_BS = jnp.cumsum(attention_mask_BS.astype(jnp.int32), axis=-1) - 1
+    if jnp.ndim(offset) == 1:  # a per-row cache index
+        slots_BT = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        return jnp.maximum(jnp.take_along_axis(pos_BS, slots_BT, axis=1), 0)
     return jnp.maximum(jax.lax.dynamic_slice_in_dim(pos_BS, offset, T, axis=1), 0)
 
 
@@ -542,6 +550,10 @@ def next_cache(cache: KVCache | None, kvs: list, T: int) -> KVCache | None:
 
 def update_cache(cache_k: Array, cache_v: Array, k_BTKD: Array, v_BTKD: Array,
                  index: Array) -> tuple[Array, Array]:
+    if jnp.ndim(index) == 1:  # a per-row cache index: each row writes at its own slot
+        write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i, 0, 0)))
+        return (write(cache_k, k_BTKD.astype(cache_k.dtype), index),
+                write(cache_v, v_BTKD.astype(cache_v.dtype), index))
     start = (0, index, 0, 0)
     return (jax.lax.dynamic_update_slice(cache_k, k_BTKD.astype(cache_k.dtype), start),
             jax.lax.dynamic_update_slice(cache_v, v_BTKD.astype(cache_v.dtype), start))

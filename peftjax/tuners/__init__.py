@@ -2,7 +2,7 @@
 registered in ``_base`` and driven by the method-agnostic ``PeftModel`` and adapter files."""
 
 from peftjax.tuners._adaption_prompt import AdaptionParam, AdaptionPromptConfig
-from peftjax.tuners._base import AdapterParam, TunerConfig, register, registered
+from peftjax.tuners._base import AdapterParam, ServingTerms, TunerConfig, register, registered
 from peftjax.tuners._bottleneck import BottleneckConfig, BottleneckParam
 from peftjax.tuners._ia3 import IA3Config, IA3Param
 from peftjax.tuners._io import adapter_tensors, load_adapter, read_config, save_adapter
@@ -22,7 +22,7 @@ from peftjax.tuners._vera import VeraConfig, VeraParam
 __all__ = ["AdapterParam", "AdaptionParam", "AdaptionPromptConfig", "BottleneckConfig",
            "BottleneckParam", "DEFAULT_LORA_TARGETS",
            "IA3Config", "IA3Param", "LoraConfig", "LoraParam", "PeftModel", "PrefixParam",
-           "PrefixTuningConfig", "PromptParam", "PromptTuningConfig", "TiedLoraConfig",
+           "PrefixTuningConfig", "PromptParam", "PromptTuningConfig", "ServingTerms", "TiedLoraConfig",
            "TiedLoraParam", "TunerConfig", "VeraConfig", "VeraParam", "adapter_tensors", "count_parameters", "find_targets", "get_peft_model",
            "is_lora_layer", "is_target", "load_adapter", "prompt_bank", "read_config", "register",
            "registered", "save_adapter", "save_as_lora"]

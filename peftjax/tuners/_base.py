@@ -29,6 +29,9 @@ Hooks (defaults in :class:`TunerConfig`):
   refusing options that change the math and are not implemented.
 - ``combine(peft_model, adapters, weights, adapter_name, **options)``: a new adapter as a
   weighted combination of existing ones (``add_weighted_adapter``; LoRA, (IA)³).
+- ``serving_terms(peft_model)``: what the active adapter does to each linear layer as
+  :class:`ServingTerms` (low-rank factors, DoRA magnitudes, (IA)³ scales), the form in which
+  ``peftjax.serving`` batches many adapters over one base; methods without it are not served.
 - ``mergeable`` and ``merge_reason``: whether the adapter folds into the weights;
   ``combinable``: whether several adapters can be active at once (their effects add up).
 
@@ -71,6 +74,31 @@ def in_modules(path: tuple, var: nnx.Variable, modules) -> bool:
         return False
     name = ".".join(map(str, path[1:-1]))
     return any(f".{m}." in f".{name}." for m in modules or ())
+
+
+@dataclasses.dataclass
+class ServingTerms:
+    """What one adapter does to one linear layer ``y = x W + b``, in the form a multi-adapter
+    server applies per row of a batch::
+
+        h = W (x * in_scale)                      # (IA)³ on a feed-forward input
+        y = (magnitude * (h + scale * (x A) B) + b) * out_scale
+
+    ``a_IxR`` [in, r] and ``b_RxO`` [r, out] (float32) are None without a low-rank change;
+    ``magnitude_O`` is DoRA's ``m / ||W + s A B||`` (a constant at inference); ``in_scale_I``
+    / ``out_scale_O`` are (IA)³ vectors. None means the identity.
+    """
+
+    a_IxR: Any = None
+    b_RxO: Any = None
+    scale: float = 0.0
+    magnitude_O: Any = None
+    in_scale_I: Any = None
+    out_scale_O: Any = None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a_IxR is None else int(self.a_IxR.shape[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +167,13 @@ class TunerConfig:
         (``PeftModel.add_weighted_adapter``; LoRA and (IA)³ define it, as in PEFT)."""
         raise TypeError(f"add_weighted_adapter is defined for LoRA and (IA)³ adapters (as in "
                         f"PEFT), not for {self.method}")
+
+    def serving_terms(self, peft_model) -> dict[str, ServingTerms]:
+        """Module path (under the base model) -> what the active adapter does to that linear
+        layer (see :class:`ServingTerms`)."""
+        raise TypeError(f"{self.method} adapters are not served by peftjax.serving's adapter "
+                        "bank (it serves LoRA, DoRA, QA-LoRA and (IA)³ adapters); merge the "
+                        "adapter into the base (peftjax export) and serve the merged model.")
 
     # ------------------------------------------------------------------------ file layout
     weight_files: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)

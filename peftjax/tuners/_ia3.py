@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig, register
+from peftjax.tuners._base import PREFIX, AdapterParam, ServingTerms, TunerConfig, register
 from peftjax.tuners._layer import AdaptedLayer, LayerMethod, adapted_layers, wrap
 from peftjax.tuners._targets import find_targets, get_submodule
 
@@ -214,6 +214,16 @@ class IA3Config(LayerMethod, TunerConfig):
                 total = total + w * (layer.ia3[a].ia3_l[...] if a in layer.ia3 else 1.0)
             target = layer.ia3[adapter_name].ia3_l
             target[...] = jnp.broadcast_to(jnp.asarray(total, jnp.float32), target.shape)
+
+    def serving_terms(self, peft_model) -> dict:
+        name, out = peft_model.active_adapter, {}
+        for path, layer in adapted_layers(peft_model.base_model, IA3Mixin):
+            if name not in layer.ia3:
+                continue
+            v = layer.ia3[name]
+            out[path] = (ServingTerms(in_scale_I=v.vector()) if v.feedforward else
+                         ServingTerms(out_scale_O=v.vector()))
+        return out
 
     def peft_entries(self, peft_model) -> dict:
         """``<module>.ia3_l`` per adapted layer, and ``modules_to_save`` weights under their

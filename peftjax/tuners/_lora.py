@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, dropout, param_value
-from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig, register
+from peftjax.tuners._base import PREFIX, AdapterParam, ServingTerms, TunerConfig, register
 from peftjax.tuners._layer import (AdaptedLayer, HostValues, LayerMethod, adapted_layers,
                                    site_key, wrap)
 from peftjax.tuners._targets import find_targets, get_submodule, pattern_key
@@ -548,6 +548,18 @@ class LoraConfig(LayerMethod, TunerConfig):
             f = layer.lora[adapter_name]
             f.lora_A[...] = a_new.T.astype(f.lora_A.dtype)
             f.lora_B[...] = b_new.T.astype(f.lora_B.dtype)
+
+    def serving_terms(self, peft_model) -> dict:
+        name, out = peft_model.active_adapter, {}
+        for path, layer in lora_layers(peft_model.base_model):
+            if name not in layer.lora:
+                continue
+            f = layer.lora[name]
+            mag = f.dora_scale(layer.base_kernel_IxO()) if f.dora else None
+            out[path] = ServingTerms(a_IxR=f.full_A().astype(jnp.float32),
+                                     b_RxO=param_value(f.lora_B).astype(jnp.float32),
+                                     scale=f.scaling, magnitude_O=mag)
+        return out
 
     def peft_entries(self, peft_model) -> dict:
         """``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r] per adapted layer,

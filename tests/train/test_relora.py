@@ -142,16 +142,9 @@ def _eight_devices(model_dir: str, tmp: str) -> None:
 
 
 def test_relora_on_eight_devices_resumes_bit_identically(tiny_bert, tmp_path):  # noqa: F811
-    import subprocess
-    import sys
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    code = (f"from tests.train.test_relora import _eight_devices; "
-            f"_eight_devices({tiny_bert!r}, {str(tmp_path)!r})")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    from tests.conftest import on_eight_devices
+    on_eight_devices(f"from tests.train.test_relora import _eight_devices; "
+                     f"_eight_devices({tiny_bert!r}, {str(tmp_path)!r})")
 
 
 def test_relora_run_resumes_mid_cycle_bit_identically(tiny_bert, tmp_path):  # noqa: F811

@@ -11,14 +11,11 @@ Measured: 1.1e-2 adapter difference after 3 AdamW steps at lr 1e-2, with losses 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import on_eight_devices
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
@@ -78,12 +75,8 @@ def _run(path: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def sharded(tiny_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sharded") / "results.json")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    code = f"from tests.train.test_sharding import _run; _run({tiny_dir('llama')!r}, {out!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    on_eight_devices(f"from tests.train.test_sharding import _run; "
+                     f"_run({tiny_dir('llama')!r}, {out!r})")
     with open(out) as f:
         return json.load(f)
 

@@ -7,9 +7,6 @@ equal one. A method joins by being registered and having an entry in ``CONTRACT`
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +21,7 @@ from peftjax import (AdaptionPromptConfig, BottleneckConfig, IA3Config, LoraConf
 from peftjax.models import from_pretrained
 from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, set_remat, split_model
 from peftjax.tuners import AdapterParam, registered
-from tests.conftest import REPO, batch
+from tests.conftest import batch, on_eight_devices
 
 # method -> (config, outputs right after injection: True = the base model's exactly,
 # False = different, a float = the base model's within that tolerance)
@@ -216,13 +213,8 @@ def _run_meshes(path: str, out: str) -> None:
 
 def test_eight_devices_equal_one(tiny_dir, tmp_path):
     out = str(tmp_path / "meshes.json")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    code = ("from tests.tuners.test_contract import _run_meshes; "
-            f"_run_meshes({tiny_dir('llama')!r}, {out!r})")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    on_eight_devices("from tests.tuners.test_contract import _run_meshes; "
+                     f"_run_meshes({tiny_dir('llama')!r}, {out!r})")
     results = json.load(open(out))
     for method in CONTRACT:
         one, many = results[f"{method} (1, 1, 1)"], results[f"{method} (2, 2, 2)"]

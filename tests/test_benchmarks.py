@@ -56,17 +56,15 @@ def test_longlora_benchmark_runs(tmp_path):
 
 def test_serving_benchmark_runs(tmp_path):
     out = tmp_path / "serving.md"
-    run_benchmark("serving.py", out, "--size", "tiny", "--adapters", "1", "2", "--requests", "4",
+    run_benchmark("serving.py", out, "--size", "tiny", "--adapters", "2", "--requests", "4",
                   "--tokens", "3", "--batch", "2", "--swap-slots", "1", "--registered", "3",
                   "--repeats", "1")
     rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.read_text().splitlines()
             if ln.startswith("| ") and not ln.startswith("| system")]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("merged model", "1", "-"), ("peftjax mixed", "1", "1"),
-        ("peftjax one at a time", "1", "1"), ("torch PEFT mixed", "1", "-"),
-        ("peftjax mixed", "2", "2"), ("peftjax one at a time", "2", "2"),
-        ("peftjax swapping", "2", "1"), ("torch PEFT mixed", "2", "-"),
-        ("peftjax swapping (3 registered)", "3", "1")]
+        ("merged model", "1", "-"), ("peftjax mixed", "2", "2"),
+        ("peftjax one at a time", "2", "2"), ("peftjax swapping", "2", "1"),
+        ("torch PEFT mixed", "2", "-"), ("peftjax swapping (3 registered)", "3", "1")]
     assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # tokens/s
-    assert int(rows[6][9]) >= 2  # the swapping run loaded adapters into its one slot
+    assert int(rows[3][9]) >= 2  # the swapping run loaded adapters into its one slot
     assert (tmp_path / "serving.png").stat().st_size > 1000

@@ -15,6 +15,10 @@ gets zeros), DoRA magnitudes (``m / ||W + s A B||``, a constant at inference, so
 multiply, where PEFT cannot batch DoRA adapters at all) and (IA)³ vectors, following
 :class:`peftjax.tuners.ServingTerms`.
 
+Soft prompts (prompt tuning) sit in the same bank under the key :data:`PROMPT`: each slot's
+virtual-token embeddings [N, V_max, E] (zero-padded) with their count on the host; the engine
+puts a row's prompt in front of its tokens at prefill, as ``PeftModel`` does for one adapter.
+
 The host side (:class:`AdapterBank`) keeps every registered adapter's terms in host memory and
 at most ``N - 1`` of them on the device, least recently used out first (S-LoRA's swapping); a
 slot in use by a running request is never evicted.
@@ -36,6 +40,7 @@ from peftjax.tuners import ServingTerms
 from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
 
 FIELDS = ("A", "B", "scale", "magnitude", "in_scale", "out_scale")
+PROMPT = "\0prompt"  # the bank entry of the soft prompts (no layer path looks like it)
 
 # (bank pytree, row slots [B]) of the forward pass being traced (trace-time state, as the
 # tuners' dropout key): set by the engine around every model call
@@ -127,7 +132,7 @@ def install(model, paths: list[str]) -> dict[str, tuple[int, int]]:
     return shapes, axes
 
 
-def bank_shardings(shapes: dict, axes: dict, slots: int, rank: int, mesh):
+def bank_shardings(shapes: dict, axes: dict, slots: int, rank: int, mesh, prompt_shape=None):
     """Where the bank lives on ``mesh``: each factor beside the rows/columns of the weight it
     adapts (as LoRA factors in training), the slot axis replicated."""
     from jax.sharding import NamedSharding
@@ -143,12 +148,16 @@ def bank_shardings(shapes: dict, axes: dict, slots: int, rank: int, mesh):
                       B=at((None, "lora_rank", oa), (slots, rank, o)),
                       scale=at((None,), (slots,)), magnitude=at((None, oa), (slots, o)),
                       in_scale=at((None, ia), (slots, i)), out_scale=at((None, oa), (slots, o)))
+    if prompt_shape is not None:
+        out[PROMPT] = dict(embeds=at((None, None, "embed"), (slots,) + tuple(prompt_shape)))
     return out
 
 
-def empty_bank(shapes: dict, slots: int, rank: int) -> dict:
+def empty_bank(shapes: dict, slots: int, rank: int, prompt_shape=None) -> dict:
     """The device bank with every slot empty (the base model)."""
-    return {p: dict(A=jnp.zeros((slots, i, rank), jnp.float32),
+    prompts = {} if prompt_shape is None else {
+        PROMPT: dict(embeds=jnp.zeros((slots,) + tuple(prompt_shape), jnp.float32))}
+    return prompts | {p: dict(A=jnp.zeros((slots, i, rank), jnp.float32),
                     B=jnp.zeros((slots, rank, o), jnp.float32),
                     scale=jnp.zeros((slots,), jnp.float32),
                     magnitude=jnp.ones((slots, o), jnp.float32),
@@ -183,14 +192,18 @@ class AdapterBank:
     time; any number may be registered.
     """
 
-    def __init__(self, shapes: dict, *, slots: int, rank: int, shardings=None):
+    def __init__(self, shapes: dict, *, slots: int, rank: int, prompt_shape=None,
+                 shardings=None):
         if slots < 2:
             raise ValueError(f"an adapter bank needs at least 2 slots (slot 0 is the base model); "
                              f"got {slots}")
         if rank < 1:
             raise ValueError(f"the bank's rank must be >= 1, got {rank}")
         self.shapes, self.slots, self.rank = shapes, slots, rank
-        self.device = jax.device_put(empty_bank(shapes, slots, rank),
+        self.prompt_shape = None if prompt_shape is None else tuple(prompt_shape)  # (V_max, E)
+        self.virtual: dict[str, int] = {}          # name -> virtual tokens of its prompt
+        self.slot_virtual = np.zeros(slots, np.int32)  # virtual tokens in each device slot
+        self.device = jax.device_put(empty_bank(shapes, slots, rank, prompt_shape),
                                      jax.devices()[0] if shardings is None else shardings)
         self._write_fn = jax.jit(_write_slot, donate_argnums=0, out_shardings=shardings)
         self.host: dict[str, dict] = {}            # name -> slot values (host arrays)
@@ -199,7 +212,17 @@ class AdapterBank:
         self.loads = 0                             # slot writes (swaps in), for stats
         self._retired = 0
 
-    def add(self, name: str, terms: dict[str, ServingTerms]) -> None:
+    def add(self, name: str, terms: dict[str, ServingTerms], prompt=None) -> None:
+        """Registers ``name``: its layer terms and its soft prompt [V, E] (or None)."""
+        if prompt is not None:
+            V, E = np.shape(prompt)
+            if self.prompt_shape is None or V > self.prompt_shape[0]:
+                raise ValueError(f"adapter {name!r} puts {V} virtual tokens in front; the bank "
+                                 f"holds {0 if self.prompt_shape is None else self.prompt_shape[0]}"
+                                 f"; start the engine with max_virtual_tokens >= {V}.")
+            if E != self.prompt_shape[1]:
+                raise ValueError(f"adapter {name!r}: prompt width {E}, the model's "
+                                 f"{self.prompt_shape[1]}")
         too_big = max((t.rank for t in terms.values()), default=0)
         if too_big > self.rank:
             raise ValueError(f"adapter {name!r} has rank {too_big}, above the bank's max_rank "
@@ -216,12 +239,19 @@ class AdapterBank:
                 raise ValueError(f"adapter {name!r}: {p} factors {tuple(t.a_IxR.shape)} x "
                                  f"{tuple(t.b_RxO.shape)} do not fit the layer ({i} -> {o}).")
         values = slot_values(self.shapes, self.rank, terms)
+        if self.prompt_shape is not None:
+            embeds = np.zeros(self.prompt_shape, np.float32)
+            if prompt is not None:
+                embeds[:len(prompt)] = np.asarray(prompt, np.float32)
+            values[PROMPT] = dict(embeds=embeds)
         if name in self.host:  # replaced: running requests finish on the old version
             self.remove(name)
         self.host[name] = values
+        self.virtual[name] = 0 if prompt is None else int(np.shape(prompt)[0])
 
     def remove(self, name: str) -> None:
         del self.host[name]
+        del self.virtual[name]
         slot = self.resident.pop(name, None)
         if slot is not None and self.pins[slot]:  # still used by running rows: keep the slot
             self._retired += 1  # pinned under a name no request asks for; evicted once free
@@ -262,4 +292,5 @@ class AdapterBank:
     def _write(self, slot: int, name: str) -> None:
         # dispatched asynchronously: the copy overlaps whatever the device is running
         self.device = self._write_fn(self.device, np.int32(slot), self.host[name])
+        self.slot_virtual[slot] = self.virtual[name]
         self.loads += 1

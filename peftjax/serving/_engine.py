@@ -9,6 +9,9 @@ own adapter from the bank. A finished row is free for the next request at once. 
 programs are one decode step and one prefill per (batch, length) bucket, whatever the mix of
 adapters and lengths: no recompile per request.
 
+A soft prompt (prompt tuning) goes into the row at prefill, its virtual tokens right before
+the row's tokens, so the row then decodes like any other.
+
 Rows with ``temperature == 0`` decode greedily; the others sample with ``top_p`` from a key
 derived from the request's ``seed`` and the token index only, so a seeded request gives the same
 tokens whatever else shares the batch.
@@ -37,8 +40,9 @@ from flax import nnx
 
 from peftjax.generation import _filter_logits
 from peftjax.models._layers import KVCache
-from peftjax.serving._bank import (AdapterBank, bank_shardings, install, rows_use,
+from peftjax.serving._bank import (PROMPT, AdapterBank, bank_shardings, install, rows_use,
                                    select_layers)
+from peftjax.tuners._prompt import embed_ids
 
 
 class ServingError(ValueError):
@@ -99,14 +103,21 @@ def _sample(logits_BV, temperature_B, top_p_B, seeds_B, steps_B):
 _TRACES: collections.Counter = collections.Counter()
 
 
-def _prefill(graphdef, state, bank, cache_k, cache_v, ids_PT, mask_PT, rows_P, slots_P, temp_P,
-             top_p_P, seeds_P):
+def _prefill(graphdef, state, bank, cache_k, cache_v, ids_PT, mask_PT, virtual_PT, rows_P,
+             slots_P, temp_P, top_p_P, seeds_P):
     _TRACES["prefill", graphdef] += 1
     model = nnx.merge(graphdef, state)
     P, T = ids_PT.shape
     fresh = model.init_cache(P, T, cache_k[0].dtype)
+    inputs = dict(input_ids=ids_PT)
+    if virtual_PT is not None:  # each row's soft prompt in front of its tokens
+        emb = embed_ids(model, ids_PT)
+        table = bank[PROMPT]["embeds"][slots_P]                               # [P, V, E]
+        v = jnp.take_along_axis(table, jnp.maximum(virtual_PT, 0)[..., None], axis=1)
+        inputs = dict(inputs_embeds=jnp.where(virtual_PT[..., None] >= 0, v.astype(emb.dtype),
+                                              emb))
     with rows_use(bank, slots_P):
-        out = model(ids_PT, attention_mask=mask_PT, cache=fresh, last_logits_only=True)
+        out = model(**inputs, attention_mask=mask_PT, cache=fresh, last_logits_only=True)
     r, s = rows_P[:, None], jnp.arange(T)[None, :]  # padding rows point past the cache: dropped
     cache_k = tuple(c.at[r, s].set(k, mode="drop") for c, k in zip(cache_k, out.cache.k))
     cache_v = tuple(c.at[r, s].set(v, mode="drop") for c, v in zip(cache_v, out.cache.v))
@@ -144,12 +155,17 @@ class Engine:
         ``bucket``, plus generated tokens).
       base_name: what the model was loaded from; an adapter whose ``base_model_name_or_path``
         names another base is refused (``check_base=False`` on :meth:`register` overrides).
+      max_virtual_tokens: the longest soft prompt (prompt tuning) the bank holds (default: the
+        longest of ``adapters``', 0 if none: then no prompt adapter can be registered).
+      mesh: serve on this device mesh (``peftjax.train.make_mesh``): the base sharded as in
+        training, the cache rows over data x fsdp.
     """
 
     def __init__(self, model: nnx.Module, *, adapters: dict[str, str] | None = None,
                  targets=None, max_rank: int | None = None, bank_slots: int = 8,
                  max_batch: int = 8, max_len: int = 512, bucket: int = 16,
-                 base_name: str | None = None, cache_dtype=None, mesh=None):
+                 base_name: str | None = None, cache_dtype=None, mesh=None,
+                 max_virtual_tokens: int | None = None):
         from peftjax.models import task_of
         from peftjax.tuners import PeftModel
 
@@ -172,19 +188,25 @@ class Engine:
             self._check_base(n, d)
             staged[n] = self._stage(n, d)
         if targets is None:
-            targets = (sorted({p for terms in staged.values() for p in terms})
+            targets = (sorted({p for terms, _ in staged.values() for p in terms})
                        if staged else "all-linear")
         if max_rank is None:
-            max_rank = max((t.rank for terms in staged.values() for t in terms.values()),
+            max_rank = max((t.rank for terms, _ in staged.values() for t in terms.values()),
                            default=0) or 16
+        if max_virtual_tokens is None:
+            max_virtual_tokens = max((len(p) for _, p in staged.values() if p is not None),
+                                     default=0)
         serving = nnx.clone(model)  # shares the base's arrays; only the layer wrappers differ
         shapes, axes = install(serving, select_layers(serving, targets))
         self.mesh = mesh
-        self.bank = AdapterBank(shapes, slots=bank_slots, rank=max_rank, shardings=None if
-                                mesh is None else bank_shardings(shapes, axes, bank_slots,
-                                                                 max_rank, mesh))
-        for n, terms in staged.items():
-            self.bank.add(n, terms)
+        prompt_shape = ((max_virtual_tokens, model.config.hidden_size) if max_virtual_tokens
+                        else None)
+        self.bank = AdapterBank(
+            shapes, slots=bank_slots, rank=max_rank, prompt_shape=prompt_shape,
+            shardings=None if mesh is None else bank_shardings(shapes, axes, bank_slots,
+                                                               max_rank, mesh, prompt_shape))
+        for n, (terms, prompt) in staged.items():
+            self.bank.add(n, terms, prompt)
         self.graphdef, self.state = nnx.split(serving)
         cache = serving.init_cache(max_batch, max_len, cache_dtype)
         self._k, self._v = cache.k, cache.v
@@ -233,8 +255,9 @@ class Engine:
         with self._lock:
             return sorted(self.bank.host)
 
-    def _stage(self, name: str, source) -> dict:
-        """An adapter's serving terms, checked against the base (host work; no device bank)."""
+    def _stage(self, name: str, source) -> tuple:
+        """An adapter's ``(layer terms, soft prompt or None)``, checked against the base (host
+        work; no device bank)."""
         from peftjax.tuners import PeftModel, load_adapter
 
         if not isinstance(name, str) or not name or name != name.strip():
@@ -250,12 +273,12 @@ class Engine:
                                "(modules_to_save); a shared base cannot serve it per row. Merge "
                                "it (peftjax export) and serve the merged model.")
         try:
-            terms = config.serving_terms(peft)
+            terms, prompt = config.serving_terms(peft), config.serving_prompt(peft)
         except TypeError as e:
             raise ServingError(f"adapter {name!r}: {e}") from None
-        if not terms:
+        if not terms and prompt is None:
             raise ServingError(f"adapter {name!r} adapts no linear layer of this model")
-        return terms
+        return terms, None if prompt is None else np.asarray(prompt, np.float32)
 
     def _check_base(self, name: str, source) -> None:
         if self.base_name is None or not isinstance(source, (str, os.PathLike)):
@@ -273,12 +296,12 @@ class Engine:
         reason otherwise. Thread-safe: from another thread it waits for the engine."""
         if check_base:
             self._check_base(name, source)
-        terms = self._stage(name, source)
+        terms, prompt = self._stage(name, source)
 
         def add():
             try:
                 with self._lock:
-                    self.bank.add(name, terms)
+                    self.bank.add(name, terms, prompt)
             except ValueError as e:
                 raise ServingError(str(e)) from None
         self._call(add)
@@ -306,16 +329,18 @@ class Engine:
         if request.temperature < 0 or not 0 < request.top_p <= 1:
             raise ServingError(f"need temperature >= 0 and 0 < top_p <= 1; got "
                                f"{request.temperature}, {request.top_p}")
-        need = _bucket(n, self.bucket) + request.max_tokens
-        if need > self.max_len:
-            raise ServingError(f"prompt ({n} tokens, {_bucket(n, self.bucket)} padded) + "
-                               f"max_tokens ({request.max_tokens}) exceeds the engine's max_len "
-                               f"{self.max_len}; shorten the prompt or lower max_tokens.")
+        if request.adapter is not None and request.adapter not in self.bank.host:
+            raise ServingError(f"no adapter {request.adapter!r} (registered: {self.adapters})")
+        V = self.bank.virtual.get(request.adapter, 0) if request.adapter is not None else 0
+        padded = _bucket(n + V, self.bucket)
+        if padded + request.max_tokens > self.max_len:
+            raise ServingError(f"prompt ({n} tokens{f' + {V} virtual' if V else ''}, {padded} "
+                               f"padded) + max_tokens ({request.max_tokens}) exceeds the "
+                               f"engine's max_len {self.max_len}; shorten the prompt or lower "
+                               "max_tokens.")
         vocab = self.base.config.vocab_size
         if min(request.prompt) < 0 or max(request.prompt) >= vocab:
             raise ServingError(f"prompt token ids must lie in [0, {vocab})")
-        if request.adapter is not None and request.adapter not in self.bank.host:
-            raise ServingError(f"no adapter {request.adapter!r} (registered: {self.adapters})")
         if request.seed is None:
             request.seed = int(self._seeds.integers(0, 2 ** 31 - 1))
         request.submitted = time.perf_counter()
@@ -352,7 +377,8 @@ class Engine:
         admitted = self._admit()
         by_len = collections.defaultdict(list)
         for row in admitted:
-            by_len[_bucket(len(self._rows[row].prompt), self.bucket)].append(row)
+            n = len(self._rows[row].prompt) + self.bank.slot_virtual[self._slot[row]]
+            by_len[_bucket(int(n), self.bucket)].append(row)
         for T, rows in sorted(by_len.items()):
             self._prefill(T, rows)
         if any(r is not None for r in self._rows):
@@ -424,22 +450,26 @@ class Engine:
         for start in range(0, len(rows), P):
             chunk = rows[start:start + P]
             ids, mask = np.zeros((P, T), np.int32), np.zeros((P, T), np.int32)
+            # soft prompts: which virtual token each slot holds (-1: a token or padding)
+            virtual = (None if self.bank.prompt_shape is None else
+                       np.full((P, T), -1, np.int32))
             rows_P = np.full(P, self.max_batch, np.int32)  # padding rows: written nowhere
             slots, temp, top_p, seeds = (np.zeros(P, np.int32), np.zeros(P, np.float32),
                                          np.ones(P, np.float32), np.zeros(P, np.int32))
             for i, row in enumerate(chunk):
-                p = self._rows[row].prompt
-                ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+                p, V = self._rows[row].prompt, int(self.bank.slot_virtual[self._slot[row]])
+                ids[i, T - len(p):], mask[i, T - len(p) - V:] = p, 1
+                if V:
+                    virtual[i, T - len(p) - V:T - len(p)] = np.arange(V)
                 rows_P[i], slots[i] = row, self._slot[row]
                 temp[i], top_p[i], seeds[i] = self._temp[row], self._top_p[row], self._seed[row]
             tok, self._k, self._v = self._prefill_fn(
-                self.graphdef, self.state, self.bank.device, self._k, self._v, ids, mask, rows_P,
-                slots, temp, top_p, seeds)
+                self.graphdef, self.state, self.bank.device, self._k, self._v, ids, mask, virtual,
+                rows_P, slots, temp, top_p, seeds)
             tok = np.asarray(tok)
             self.stats["prefills"] += 1
             for i, row in enumerate(chunk):
-                n = len(self._rows[row].prompt)
-                self._start[row], self._length[row] = T - n, T
+                self._start[row], self._length[row] = T - int(mask[i].sum()), T
                 self._steps[row] = 0
                 self._emit(row, int(tok[i]))
 

@@ -400,6 +400,8 @@ SETTINGS = {  # YAML key -> (default, type, help)
     "max_len": (1024, int, "cache slots per request (padded prompt + generated tokens)"),
     "bank_slots": (8, int, "adapters on the device at once, plus one for the base"),
     "max_rank": (None, int, "the adapter bank's rank (default: the largest given adapter's)"),
+    "max_virtual_tokens": (None, int, "the longest soft prompt the bank holds (default: the "
+                           "longest given adapter's)"),
     "targets": (None, object, "layers the bank covers (default: the given adapters' union, or "
                 "all-linear)"),
     "bucket": (16, int, "prompts are padded to a multiple of this many tokens"),
@@ -447,6 +449,7 @@ def build(settings: dict, *, progress: bool = True):
     tokenizer = load_tokenizer(settings["model"])
     engine = Engine(model, adapters=settings["adapters"], targets=settings["targets"],
                     max_rank=settings["max_rank"], bank_slots=settings["bank_slots"],
+                    max_virtual_tokens=settings["max_virtual_tokens"],
                     max_batch=settings["max_batch"], max_len=settings["max_len"],
                     bucket=settings["bucket"], base_name=settings["model"])
     name = settings["served_model_name"] or settings["model"]

@@ -32,6 +32,8 @@ Hooks (defaults in :class:`TunerConfig`):
 - ``serving_terms(peft_model)``: what the active adapter does to each linear layer as
   :class:`ServingTerms` (low-rank factors, DoRA magnitudes, (IA)³ scales), the form in which
   ``peftjax.serving`` batches many adapters over one base; methods without it are not served.
+  ``serving_prompt(peft_model)``: the virtual tokens' embeddings [V, E] a method puts in
+  front of every input (soft prompts), served per row beside the layer terms; None by default.
 - ``mergeable`` and ``merge_reason``: whether the adapter folds into the weights;
   ``combinable``: whether several adapters can be active at once (their effects add up).
 
@@ -172,8 +174,14 @@ class TunerConfig:
         """Module path (under the base model) -> what the active adapter does to that linear
         layer (see :class:`ServingTerms`)."""
         raise TypeError(f"{self.method} adapters are not served by peftjax.serving's adapter "
-                        "bank (it serves LoRA, DoRA, QA-LoRA and (IA)³ adapters); merge the "
-                        "adapter into the base (peftjax export) and serve the merged model.")
+                        "bank (it serves LoRA, DoRA, QA-LoRA, (IA)³ and prompt tuning adapters); "
+                        "merge the adapter into the base (peftjax export) and serve the merged "
+                        "model.")
+
+    def serving_prompt(self, peft_model):
+        """[V, E] (float32): embeddings the active adapter puts in front of every input, or
+        None (see :meth:`serving_terms`)."""
+        return None
 
     # ------------------------------------------------------------------------ file layout
     weight_files: ClassVar[tuple[str, ...]] = ("adapter_model.safetensors",)

@@ -251,6 +251,16 @@ class PromptTuningConfig(PromptLearning):
         return base(inputs_embeds=x.astype(base.dtype), attention_mask=mask, cache=cache,
                     last_logits_only=True).cache
 
+    def serving_terms(self, peft_model) -> dict:
+        return {}  # no linear layer changes: the prompt is all (serving_prompt)
+
+    def serving_prompt(self, peft_model):
+        if self.num_tasks != 1:
+            raise TypeError(f"a multi-task prompt bank ({self.num_tasks} tasks) is one adapter "
+                            "per task when served: save each task's prompt as its own adapter "
+                            "and register each.")
+        return peft_model.added["prompt_encoder"].embedding[...].astype(jnp.float32)
+
     def peft_entries(self, peft_model) -> dict:
         return {"prompt_embeddings": (peft_model.added["prompt_encoder"].embedding, False),
                 **self.head_entries(peft_model)}

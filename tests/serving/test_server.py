@@ -24,7 +24,8 @@ from peftjax.models import from_pretrained
 from peftjax.serving import Engine
 from peftjax.serving._server import create_app
 from peftjax.tokenizer import load_tokenizer
-from peftjax.tuners import IA3Config, LoraConfig, get_peft_model, load_adapter
+from peftjax.tuners import (IA3Config, LoraConfig, PromptTuningConfig, get_peft_model,
+                            load_adapter)
 from tests.conftest import REPO
 
 openai = pytest.importorskip("openai")
@@ -38,6 +39,7 @@ ADAPTERS = {
                          init_lora_weights=False),
     "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
                      init_ia3_weights=False),
+    "prompt": PromptTuningConfig(num_virtual_tokens=3),
 }
 PROMPTS = ["The movie was", "Review: dull and long. Sentiment:", "Hello there, how are you today",
            "A"]
@@ -109,7 +111,8 @@ def chat_ids(tok, content: str) -> list[int]:
 
 def test_completions_and_chat_equal_generate(setup):
     client, tok = setup["live"].client(), setup["tok"]
-    assert [m.id for m in client.models.list().data] == [BASE, "ia3", "lora_a", "lora_b"]
+    assert [m.id for m in client.models.list().data] == [BASE, "ia3", "lora_a", "lora_b",
+                                                         "prompt"]
     want = expected(setup, "lora_a", [ids_of(tok, PROMPTS[0])], 8)[0]
     got = client.completions.create(model="lora_a", prompt=PROMPTS[0], max_tokens=8,
                                     temperature=0)
@@ -150,13 +153,13 @@ def test_completions_and_chat_equal_generate(setup):
 
 
 def test_many_concurrent_clients_on_mixed_adapters(setup):
-    """32 requests from 8 client threads over the base and three adapters (more than the
+    """40 requests from 8 client threads over the base and four adapters (more than the
     engine's 4 rows and 2 adapter slots): every answer is the one its adapter gives alone."""
     tok, live = setup["tok"], setup["live"]
-    models = [BASE, "lora_a", "lora_b", "ia3"]
+    models = [BASE, "lora_a", "lora_b", "ia3", "prompt"]
     want = {m: dict(zip(PROMPTS, expected(setup, m, [ids_of(tok, p) for p in PROMPTS], 6)))
             for m in models}
-    jobs = [(models[i % 4], PROMPTS[(i // 4) % 4]) for i in range(32)]
+    jobs = [(models[i % 5], PROMPTS[(i // 5) % 4]) for i in range(40)]
     client = live.client()
 
     def ask(job):
@@ -166,12 +169,12 @@ def test_many_concurrent_clients_on_mixed_adapters(setup):
     before = dict(setup["engine"].stats)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, jobs, timeout=300))
-    assert len(answers) == 32
+    assert len(answers) == 40
     for (model, prompt), text in zip(jobs, answers):
         assert text == want[model][prompt], (model, prompt)
     stats = setup["engine"].stats
     assert stats["finished_length"] + stats["finished_stop"] - before.get(
-        "finished_length", 0) - before.get("finished_stop", 0) == 32
+        "finished_length", 0) - before.get("finished_stop", 0) == 40
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(setup):

@@ -63,7 +63,7 @@ def main() -> None:
     reqs, labels = [], []
     for i in range(args.requests):
         name, row = names[i % len(names)], rows[i]
-        if name in ("sentiment", "qalora") or (name is None and i % 2):
+        if name in ("sentiment", "qalora") or (name is None and (i // len(names)) % 2):
             text = tok.apply_chat_template([{"role": "user",
                                              "content": QUESTION.format(text=row["text"])}],
                                            tokenize=False, add_generation_prompt=True)

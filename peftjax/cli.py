@@ -285,10 +285,7 @@ def _serve(args) -> int:
     flags = {k: getattr(args, k) for k in SETTINGS if k != "adapters"}
     if isinstance(flags.get("targets"), str) and flags["targets"] != "all-linear":
         flags["targets"] = flags["targets"].split(",")
-    settings = load_settings(args.config, {**flags, "adapters": adapters})
-    if args.config and adapters:  # flags add to the file's adapters
-        settings["adapters"] = {**load_settings(args.config, {})["adapters"], **adapters}
-    return serve(settings)
+    return serve(load_settings(args.config, {**flags, "adapters": adapters}))
 
 
 _TASKS = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",

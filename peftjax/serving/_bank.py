@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
-import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,8 @@ import numpy as np
 
 from peftjax.models._layers import Linear, param_value
 from peftjax.tuners import ServingTerms
-from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
+from peftjax.tuners._layer import AdaptedLayer, adapted_class, take_over
+from peftjax.tuners._targets import find_targets, get_submodule, set_submodule
 
 FIELDS = ("A", "B", "scale", "magnitude", "in_scale", "out_scale")
 PROMPT = "\0prompt"  # the bank entry of the soft prompts (no layer path looks like it)
@@ -63,9 +64,7 @@ class BankMixin:
     base_cls: type
 
     def __init__(self, base: Linear, path: str):
-        self._base_attrs = tuple(k for k in vars(base) if not k.startswith("_"))
-        for k in self._base_attrs:
-            setattr(self, k, getattr(base, k))
+        take_over(self, base)
         self.bank_path = path
 
     def __call__(self, x_BTI):
@@ -87,32 +86,14 @@ class BankMixin:
         return (y.astype(f32) * t["out_scale"][:, None, :]).astype(y.dtype)
 
 
-@functools.cache
-def bank_class(base_cls: type) -> type:
-    return type(f"Bank{base_cls.__name__}", (BankMixin, base_cls), {"base_cls": base_cls})
-
-
-def linear_layers(model) -> list[tuple[str, Linear]]:
-    """``[(path, layer)]`` of the linear layers a bank may cover: every ``Linear`` except the
-    output head (``lm_head``)."""
-    return [(n, m) for n, m in named_modules(model)
-            if isinstance(m, Linear) and n.rsplit(".", 1)[-1] not in ("lm_head", "score")]
-
-
 def select_layers(model, targets) -> list[str]:
-    """Paths of the linear layers matching ``targets``: ``"all-linear"``, a list of names (a
-    layer matches if its path equals an entry or ends in ``"." + entry``), or paths."""
-    layers = [n for n, _ in linear_layers(model)]
-    if targets == "all-linear":
-        return layers
-    if isinstance(targets, str):
-        targets = [targets]
-    picked = [n for n in layers if any(n == t or n.endswith("." + t) for t in targets)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
-    if unmatched:
-        raise ValueError(f"bank targets {unmatched} match no linear layer of the model (its "
-                         f"layers end in {sorted({n.rsplit('.', 1)[-1] for n in layers})}).")
-    return picked
+    """Paths of the linear layers ``targets`` selects, by PEFT's ``target_modules`` rules
+    (``"all-linear"``, names, paths or a regex; :func:`peftjax.tuners._targets.find_targets`);
+    an empty list selects none (the plain base)."""
+    if isinstance(targets, (list, tuple)) and not targets:
+        return []
+    return find_targets(model, types.SimpleNamespace(target_modules=targets,
+                                                     exclude_modules=None, modules_to_save=None))
 
 
 def install(model, paths: list[str]) -> dict[str, tuple[int, int]]:
@@ -123,10 +104,10 @@ def install(model, paths: list[str]) -> dict[str, tuple[int, int]]:
         layer = get_submodule(model, p)
         if isinstance(layer, BankMixin):
             raise ValueError(f"{p} already belongs to an adapter bank")
-        if hasattr(layer, "adapters"):
+        if isinstance(layer, AdaptedLayer):
             raise ValueError(f"{p} carries adapters of a tuner ({type(layer).__name__}); "
                              "serve the plain base model and register the adapters with it")
-        set_submodule(model, p, bank_class(type(layer))(layer, p))
+        set_submodule(model, p, adapted_class(BankMixin, type(layer))(layer, p))
         shapes[p] = (layer.in_features, layer.out_features)
         axes[p] = tuple(layer.weight_axes)
     return shapes, axes

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.generation import _filter_logits
+from peftjax.generation import _filter_logits, _max_positions
 from peftjax.models._layers import KVCache
 from peftjax.serving._bank import (PROMPT, AdapterBank, bank_shardings, install, rows_use,
                                    select_layers)
@@ -99,13 +99,8 @@ def _sample(logits_BV, temperature_B, top_p_B, seeds_B, steps_B):
     return jnp.where(temperature_B > 0, sampled, greedy)
 
 
-# (program, graphdef) -> times traced (each trace is a compile): what Engine.compiles reports
-_TRACES: collections.Counter = collections.Counter()
-
-
 def _prefill(graphdef, state, bank, cache_k, cache_v, ids_PT, mask_PT, virtual_PT, rows_P,
              slots_P, temp_P, top_p_P, seeds_P):
-    _TRACES["prefill", graphdef] += 1
     model = nnx.merge(graphdef, state)
     P, T = ids_PT.shape
     fresh = model.init_cache(P, T, cache_k[0].dtype)
@@ -127,7 +122,6 @@ def _prefill(graphdef, state, bank, cache_k, cache_v, ids_PT, mask_PT, virtual_P
 
 def _decode(graphdef, state, bank, cache_k, cache_v, tok_B, start_B, length_B, slots_B, temp_B,
             top_p_B, seeds_B, steps_B):
-    _TRACES["decode", graphdef] += 1
     model = nnx.merge(graphdef, state)
     kv = jnp.arange(cache_k[0].shape[1])[None, :]
     mask = ((kv >= start_B[:, None]) & (kv <= length_B[:, None])).astype(jnp.int32)
@@ -145,9 +139,10 @@ class Engine:
       model: the base causal LM (plain, not a ``PeftModel``; it is not modified).
       adapters: ``{name: directory}`` (PEFT format) registered at once; they also set the
         defaults of ``targets`` and ``max_rank``.
-      targets: the linear layers the bank covers: ``"all-linear"``, names (``["q_proj",
-        "v_proj"]``) or paths. Default: the union of ``adapters``' targets, or all linear layers.
-        An adapter registered later must target a subset.
+      targets: the linear layers the bank covers, by PEFT's ``target_modules`` rules:
+        ``"all-linear"``, names (``["q_proj", "v_proj"]``), paths or a regex. Default: the
+        union of ``adapters``' targets, or all linear layers. An adapter registered later must
+        target a subset.
       max_rank: the bank's rank (default: the largest of ``adapters``, or 16).
       bank_slots: adapters on the device at once, plus one for the base model; more may be
         registered (swapped in, least recently used out).
@@ -175,7 +170,7 @@ class Engine:
                                "by directory.")
         if task_of(model) != "causal_lm":
             raise ServingError(f"Engine serves causal LMs; got {type(model).__name__}.")
-        limit = _max_positions(model.config)
+        limit = _max_positions(model.config)  # as generate: learned positions only
         if limit is not None and max_len > limit:
             raise ServingError(f"max_len {max_len} exceeds the model's {limit} positions.")
         if max_batch < 1 or bucket < 1:
@@ -226,10 +221,9 @@ class Engine:
             self._k, self._v = jax.device_put((self._k, self._v), c)
             kv = tuple(c for _ in self._k)
             outs = (NamedSharding(mesh, PartitionSpec()), kv, kv)
-        self._prefill_fn = jax.jit(_prefill, static_argnums=0, donate_argnums=(3, 4),
-                                   out_shardings=outs)
-        self._decode_fn = jax.jit(_decode, static_argnums=0, donate_argnums=(3, 4),
-                                  out_shardings=outs)
+        self.stats = collections.Counter()
+        self._prefill_fn = self._compiled(_prefill, "prefill", outs)
+        self._decode_fn = self._compiled(_decode, "decode", outs)
         B = max_batch
         self._rows: list[Request | None] = [None] * B
         self._tok, self._start, self._length = (np.zeros(B, np.int32) for _ in range(3))
@@ -241,13 +235,20 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = collections.Counter()
+
+    def _compiled(self, fn, name: str, out_shardings):
+        """``fn`` jitted for this engine: its graph closed over (not a static argument hashed
+        on every step), the cache donated, each trace counted in ``stats``."""
+        def traced(*args):
+            self.stats[f"{name}_compiles"] += 1  # runs once per trace, i.e. per compile
+            return fn(self.graphdef, *args)
+        return jax.jit(traced, donate_argnums=(2, 3), out_shardings=out_shardings)
 
     @property
     def compiles(self) -> dict[str, int]:
         """Programs compiled so far: one decode step, one prefill per (batch, length) bucket
         met; never one per request or adapter mix."""
-        return {k: _TRACES[k, self.graphdef] for k in ("prefill", "decode")}
+        return {k: self.stats[f"{k}_compiles"] for k in ("prefill", "decode")}
 
     # ------------------------------------------------------------------------ adapters
     @property
@@ -464,19 +465,18 @@ class Engine:
                 rows_P[i], slots[i] = row, self._slot[row]
                 temp[i], top_p[i], seeds[i] = self._temp[row], self._top_p[row], self._seed[row]
             tok, self._k, self._v = self._prefill_fn(
-                self.graphdef, self.state, self.bank.device, self._k, self._v, ids, mask, virtual,
-                rows_P, slots, temp, top_p, seeds)
+                self.state, self.bank.device, self._k, self._v, ids, mask, virtual, rows_P, slots,
+                temp, top_p, seeds)
             tok = np.asarray(tok)
             self.stats["prefills"] += 1
             for i, row in enumerate(chunk):
                 self._start[row], self._length[row] = T - int(mask[i].sum()), T
-                self._steps[row] = 0
                 self._emit(row, int(tok[i]))
 
     def _decode(self) -> None:
         tok, self._k, self._v = self._decode_fn(
-            self.graphdef, self.state, self.bank.device, self._k, self._v, self._tok, self._start,
-            self._length, self._slot, self._temp, self._top_p, self._seed, self._steps)
+            self.state, self.bank.device, self._k, self._v, self._tok, self._start, self._length,
+            self._slot, self._temp, self._top_p, self._seed, self._steps)
         tok = np.asarray(tok)
         self.stats["decode_steps"] += 1
         for row, req in enumerate(self._rows):
@@ -567,7 +567,3 @@ def _same_base(name: str) -> str:
     path = os.path.expanduser(name)
     return os.path.realpath(path) if os.path.isdir(path) else name.rstrip("/")
 
-
-def _max_positions(cfg) -> int | None:
-    n = getattr(cfg, "n_positions", None)  # GPT-2's learned positions cannot extrapolate
-    return n if n is not None else getattr(cfg, "hf_config", {}).get("max_position_embeddings")

@@ -65,45 +65,40 @@ def _usage(ids, request: Request) -> dict:
             "total_tokens": len(ids) + len(request.tokens)}
 
 
-class _Stream:
-    """Turns a request's tokens into text as they come (from the engine's thread): holds back
-    an incomplete UTF-8 character and any tail that may start a stop string, ends the request
-    at the first stop string."""
+class _Text:
+    """A request's text as its tokens arrive, in pieces that are safe to send: tokens are decoded
+    incrementally (those since the last complete piece, after the ones before them as context,
+    as byte-level and sentencepiece tokenizers need), an incomplete character and a tail that
+    may begin a stop string are held back, and the text ends before the first stop string."""
 
-    def __init__(self, server: "Server", request: Request, stops: list[str], loop, queue):
-        self.server, self.request, self.stops = server, request, stops
-        self.loop, self.queue = loop, queue
-        self.text, self.sent, self.stopped = "", 0, False
+    def __init__(self, decode, stops: list[str]):
+        self.decode, self.stops = decode, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.tokens, self.text, self.sent, self.stopped = [], "", 0, False
+        self.prefix = self.read = 0  # token offsets: context start, end of the decoded text
 
-    def on_token(self, request: Request, token: int) -> None:
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        before = self.decode(self.tokens[self.prefix:self.read])
+        now = self.decode(self.tokens[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # not inside a character
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
+        return self._release(len(self.text) - self.hold)
+
+    def close(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
         if self.stopped:
-            return
-        self.text = self.server.decode(request.tokens)
-        for s in self.stops:
-            i = self.text.find(s)
-            if i >= 0:
-                self.text, self.stopped = self.text[:i], True
-        if self.stopped:
-            self.server.engine.cancel(request)
-            return self._push(self.text[self.sent:])
-        upto = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            upto = min(upto, len(self.text) - 1)
-        if upto > self.sent:
-            self._push(self.text[self.sent:upto])
-
-    def _push(self, piece: str) -> None:
-        if piece:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, ("text", piece))
-            self.sent += len(piece)
-
-    def on_finish(self, request: Request) -> None:
-        if not self.stopped:
-            self._push(self.text[self.sent:].rstrip("\ufffd"))
-        reason = "stop" if self.stopped or request.finish_reason == "stop" else \
-            request.finish_reason
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ("end", reason))
+            return ""
+        start = max(0, self.sent - self.hold)
+        found = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if found:
+            self.stopped, upto = True, min(found)
+        piece = self.text[self.sent:max(upto, self.sent)]
+        self.sent += len(piece)
+        return piece
 
 
 class Server:
@@ -210,11 +205,14 @@ class Server:
         opts = self._sampling(body, chat)
         ids = self._prompt_ids(body, chat)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+        # the engine's thread only hands tokens over; the text is made here, off its loop
         request = Request(prompt=list(ids), adapter=adapter, max_tokens=opts["max_tokens"],
                           temperature=opts["temperature"], top_p=opts["top_p"],
-                          seed=opts["seed"], eos=() if opts["ignore_eos"] else self.eos)
-        stream = _Stream(self, request, opts["stop"], loop, queue)
-        request.on_token, request.on_finish = stream.on_token, stream.on_finish
+                          seed=opts["seed"], eos=() if opts["ignore_eos"] else self.eos,
+                          on_token=lambda _, token: put(("token", token)),
+                          on_finish=lambda req: put(("end", req.finish_reason)))
+        pieces = self._pieces(request, queue, opts["stop"])
         try:
             self.engine.submit(request)
         except ServingError as e:
@@ -225,12 +223,11 @@ class Server:
         created, name = int(time.time()), body["model"]
         if opts["stream"]:
             usage = (lambda: _usage(ids, request)) if opts["usage_chunk"] else None
-            return StreamingResponse(self._events(request, queue, rid, created, name, chat,
+            return StreamingResponse(self._events(request, pieces, rid, created, name, chat,
                                                   usage), media_type="text/event-stream")
         text, reason = [], None
         try:
-            while reason is None:
-                kind, value = await queue.get()
+            async for kind, value in pieces:
                 if kind == "text":
                     text.append(value)
                 else:
@@ -248,7 +245,28 @@ class Server:
             "created": created, "model": name, "choices": [choice],
             "usage": _usage(ids, request)})
 
-    async def _events(self, request: Request, queue, rid, created, name, chat, usage):
+    async def _pieces(self, request: Request, queue, stops: list[str]):
+        """``("text", piece)`` as the request's tokens come, then ``("end", finish reason)``; a
+        stop string cancels the request."""
+        text = _Text(self.decode, stops)
+        while True:
+            kind, value = await queue.get()
+            if kind == "token":
+                piece = text.add(value)
+                if piece:
+                    yield "text", piece
+                if text.stopped:
+                    self.engine.cancel(request)
+                    yield "end", "stop"
+                    return
+                continue
+            piece = text.close()
+            if piece:
+                yield "text", piece
+            yield "end", "stop" if text.stopped else value
+            return
+
+    async def _events(self, request: Request, pieces, rid, created, name, chat, usage):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(piece=None, reason=None, first=False):
@@ -264,8 +282,7 @@ class Server:
         try:
             if chat:
                 yield chunk(first=True)
-            while True:
-                kind, value = await queue.get()
+            async for kind, value in pieces:
                 if kind == "text":
                     yield chunk(value)
                     continue
@@ -410,7 +427,8 @@ SETTINGS = {  # YAML key -> (default, type, help)
 
 
 def load_settings(path: str | None, overrides: dict) -> dict:
-    """``peftjax serve`` settings: a YAML file's (see :data:`SETTINGS`), then the flags."""
+    """``peftjax serve`` settings: a YAML file's (see :data:`SETTINGS`), then the flags (the
+    flags' adapters add to the file's)."""
     import difflib
 
     import yaml
@@ -420,7 +438,10 @@ def load_settings(path: str | None, overrides: dict) -> dict:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of serve settings")
-    data = {**data, **{k: v for k, v in overrides.items() if v not in (None, {})}}
+    adapters = data.get("adapters") or {}
+    if isinstance(adapters, dict):  # (anything else fails the type check below)
+        adapters = {**adapters, **(overrides.get("adapters") or {})}
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}, "adapters": adapters}
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(

@@ -58,9 +58,7 @@ class AdaptedLayer:
     store: ClassVar[str]  # attribute holding the per-adapter modules
 
     def __init__(self, base: Linear):
-        self._base_attrs = tuple(k for k in vars(base) if not k.startswith("_"))
-        for k in self._base_attrs:
-            setattr(self, k, getattr(base, k))
+        take_over(self, base)
         setattr(self, self.store, nnx.Dict())
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
@@ -168,6 +166,14 @@ class HostValues:
 
     def __init__(self):
         self.factors: dict = {}
+
+
+def take_over(layer, base: Linear) -> None:
+    """Gives ``layer`` (a wrapper class in front of ``base``'s) ``base``'s attributes, so its
+    weights stay where they were."""
+    layer._base_attrs = tuple(k for k in vars(base) if not k.startswith("_"))
+    for k in layer._base_attrs:
+        setattr(layer, k, getattr(base, k))
 
 
 @functools.cache

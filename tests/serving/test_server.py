@@ -273,3 +273,20 @@ def test_serve_command_with_yaml_and_graceful_shutdown(setup, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_text_pieces_add_up_to_the_decoded_text(setup):
+    """The incremental detokenizer: pieces join to exactly ``decode(all tokens)`` (characters
+    split across byte tokens included), and a stop string that spans tokens ends the text
+    before it without sending any of it."""
+    from peftjax.serving._server import _Text
+    tok = setup["tok"]
+    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+    ids = tok("Café 😀 naïve — déjà vu, 東京 ok")["input_ids"]
+    whole = decode(ids)
+    text = _Text(decode, [])
+    pieces = [text.add(t) for t in ids] + [text.close()]
+    assert "".join(pieces) == whole and sum(1 for p in pieces if p) > 5
+    text = _Text(decode, ["ïve —"])
+    pieces = [text.add(t) for t in ids] + [text.close()]
+    assert "".join(pieces) == whole[:whole.index("ïve —")] and text.stopped

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from _results import report, run_case, write_result
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, batch, seq, dtype
@@ -193,24 +193,18 @@ def main():
     if args.case:
         r = (run_torch(s, args.steps, args.warmup) if args.case == "torch_peft_lora"
              else run_jax(args.case, s, args.steps, args.warmup))
-        print("RESULT " + json.dumps(r))
+        report(r)
         return
     results = {}
     for case in args.cases.split(","):
         if case not in CASES:
             sys.exit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
         print(f"running {case} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--case", case, "--size", args.size,
-                               "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                              capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{case} failed:\n{proc.stderr[-3000:]}")
-        results[case] = json.loads(line[-1][len("RESULT "):])
+        results[case] = run_case(__file__, "--case", case, "--size", args.size,
+                                 "--steps", str(args.steps), "--warmup", str(args.warmup))
     text = table(results, s, args)
     print(text)
     device = "gpu" if any(r.get("device_peak") for r in results.values()) else "cpu"
-    from _results import write_result
     print(f"written to {write_result(text, args.out, f'train_step_{args.size}_{device}')}")
 
 

@@ -68,3 +68,12 @@ def test_serving_benchmark_runs(tmp_path):
     assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # tokens/s
     assert int(rows[3][9]) >= 2  # the swapping run loaded adapters into its one slot
     assert (tmp_path / "serving.png").stat().st_size > 1000
+
+
+def test_memory_plan_benchmark_runs(tmp_path):
+    out = tmp_path / "plan.md"
+    run_benchmark("memory_plan.py", out, "--size", "tiny", "--plans", "qlora", "--seqs", "64")
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.read_text().splitlines()
+            if ln.startswith("| qlora")]
+    assert len(rows) == 1 and rows[0][1] == "64"
+    assert float(rows[0][2]) > 0 and float(rows[0][-1]) > float(rows[0][-2]) > 0  # MiB

@@ -10,7 +10,7 @@ from peftjax.models._decoder import (DecoderConfig, DecoderForCausalLM,
                                      DecoderForSequenceClassification,
                                      DecoderForTokenClassification, DecoderModel)
 from peftjax.models._layers import (Conv1D, Embed, ExtraKV, KVCache, LayerNorm, Linear,
-                                    ModelOutput, RMSNorm, pool)
+                                    ModelOutput, OutputHead, RMSNorm, pool)
 from peftjax.models._loading import (FAMILIES, TASK_NAMES, abstract_model, architecture_name,
                                      from_pretrained,
                                      hf_param_paths, save_pretrained, task_of)
@@ -27,7 +27,8 @@ __all__ = [
     "Conv1D", "DecoderConfig", "DecoderForCausalLM", "DecoderForSequenceClassification",
     "DecoderForTokenClassification", "DecoderModel", "Embed", "EncoderConfig", "ExtraKV",
     "GPT2Config", "GPT2ForSequenceClassification", "GPT2ForTokenClassification",
-    "GPT2LMHeadModel", "GPT2Model", "KVCache", "LayerNorm", "Linear", "ModelOutput", "RMSNorm",
+    "GPT2LMHeadModel", "GPT2Model", "KVCache", "LayerNorm", "Linear", "ModelOutput", "OutputHead",
+    "RMSNorm",
     "SUPPORTED_MODEL_TYPES", "TASK_NAMES", "UnsupportedConfigError", "abstract_model",
     "architecture_name",
     "from_pretrained", "hf_param_paths", "pool", "save_pretrained", "task_of",

@@ -55,10 +55,15 @@ class CausalLM(TaskModel):
                         L.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
                                  axes=("embed", "vocab"), **kw))
 
-    def __call__(self, input_ids=None, *, last_logits_only: bool = False, **kw) -> L.ModelOutput:
+    def __call__(self, input_ids=None, *, last_logits_only: bool = False,
+                 compute_logits: bool = True, **kw) -> L.ModelOutput:
         """Logits [B, T, vocab]; ``last_logits_only`` computes them for the last slot only
-        (what generation needs: with left padding the last slot is every row's last token)."""
+        (what generation needs: with left padding the last slot is every row's last token);
+        ``compute_logits=False`` returns the final hidden states alone (the train step then
+        computes the loss from them through :meth:`output_head`, chunk by chunk)."""
         out = self.backbone(input_ids, **kw)
+        if not compute_logits:
+            return out
         h = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
         logits = (self.backbone.input_embeddings.attend(h) if self.lm_head is None
                   else self.lm_head(h))
@@ -66,6 +71,22 @@ class CausalLM(TaskModel):
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
         return out.replace(logits=logits)
+
+    def output_head(self) -> L.OutputHead | None:
+        """The logits as a plain linear map of the final hidden states (``lm_head``'s kernel, or
+        the tied embedding table, and Gemma 2's soft-capping), or None when the head is an
+        adapted or 4-bit layer (then only ``__call__`` computes the logits)."""
+        cap = getattr(self.config, "final_softcap", None)
+        if self.lm_head is None:
+            table = self.backbone.input_embeddings
+            if type(table) is not L.Embed:
+                return None
+            return L.OutputHead(table.embedding[...], transposed=True, softcap=cap,
+                                dtype=table.dtype)
+        if type(self.lm_head) is not L.Linear or self.lm_head.bias is not None:
+            return None
+        return L.OutputHead(self.lm_head.kernel[...], transposed=False, softcap=cap,
+                            dtype=self.lm_head.dtype)
 
 
 class SequenceClassifier(TaskModel):

@@ -25,6 +25,8 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._config import UnsupportedConfigError
+from peftjax.models._remat import (CHECKPOINT_NAMES, REMAT_POLICIES, call_block,  # noqa: F401
+                                  remat_policy)
 
 Array = jax.Array
 DType = Any
@@ -190,55 +192,6 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
     bits = jax.random.bits(rng, x.shape, jnp.uint16)
     keep = bits >= jnp.uint16(min(round(rate * 65536), 65535))
     return jnp.where(keep, x * (1.0 / (1.0 - rate)), 0).astype(x.dtype)
-
-
-# ------------------------------------------------------------------------------------ remat
-
-# Tensors tagged with jax.ad_checkpoint.checkpoint_name inside every block, for "save:" policies.
-CHECKPOINT_NAMES = ("qkv", "attn_out", "mlp_hidden")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-
-
-def remat_policy(name: str):
-    """Validates a remat policy name; returns the jax.checkpoint policy (None saves nothing).
-
-    ``none``: no rematerialisation. ``full``: save only block inputs, recompute the rest.
-    ``dots_saveable`` / ``dots_with_no_batch_dims_saveable``: jax's policies of those names.
-    ``save:NAME[,NAME...]``: save only the tensors tagged NAME (one of :data:`CHECKPOINT_NAMES`).
-    """
-    cp = jax.checkpoint_policies
-    if name in ("none", "full"):
-        return None
-    if name in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
-        return getattr(cp, name)
-    if isinstance(name, str) and name.startswith("save:"):
-        names = tuple(n.strip() for n in name[len("save:"):].split(",") if n.strip())
-        bad = [n for n in names if n not in CHECKPOINT_NAMES]
-        if not names or bad:
-            raise ValueError(f"remat policy {name!r}: names must be a comma-separated subset of "
-                             f"{', '.join(CHECKPOINT_NAMES)}")
-        return cp.save_only_these_names(*names)
-    raise ValueError(f"unknown remat policy {name!r}; use one of {', '.join(REMAT_POLICIES)} "
-                     f"or 'save:NAME,...' with names from {', '.join(CHECKPOINT_NAMES)}")
-
-
-def call_block(block: nnx.Module, remat: str, x: Array, **kwargs):
-    """``block(x, **kwargs)``, rematerialised in the backward pass as ``remat`` says.
-
-    Keyword arguments holding arrays are traced through the checkpoint; the rest (None, ints,
-    flags) are constants of the block's program."""
-    if remat == "none":
-        return block(x, **kwargs)
-    traced = {k: v for k, v in kwargs.items()
-              if any(isinstance(a, jax.Array) for a in jax.tree.leaves(v))}
-    static = {k: v for k, v in kwargs.items() if k not in traced}
-
-    graphdef, state = nnx.split(block)
-
-    def run(state, x, traced):  # pure: blocks do not mutate their state
-        return nnx.merge(graphdef, state)(x, **traced, **static)
-
-    return jax.checkpoint(run, policy=remat_policy(remat))(state, x, traced)
 
 
 # ----------------------------------------------------------------------------------- rotary
@@ -557,6 +510,23 @@ def update_cache(cache_k: Array, cache_v: Array, k_BTKD: Array, v_BTKD: Array,
     start = (0, index, 0, 0)
     return (jax.lax.dynamic_update_slice(cache_k, k_BTKD.astype(cache_k.dtype), start),
             jax.lax.dynamic_update_slice(cache_v, v_BTKD.astype(cache_v.dtype), start))
+
+
+@flax.struct.dataclass
+class OutputHead:
+    """A causal LM's logits as a linear map: ``h @ weight`` ([embed, vocab]) or, tied to the
+    input embeddings, ``h @ weight.T`` ([vocab, embed]) with ``transposed``; computed in
+    ``dtype``, then soft-capped (``cap * tanh(logits / cap)``) when ``softcap`` is set."""
+
+    weight: Array
+    transposed: bool = flax.struct.field(pytree_node=False, default=False)
+    softcap: float | None = flax.struct.field(pytree_node=False, default=None)
+    dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+
+    def logits(self, h: Array) -> Array:
+        w = self.weight.astype(self.dtype)
+        y = jnp.dot(h.astype(self.dtype), w.T if self.transposed else w)
+        return y if self.softcap is None else jnp.tanh(y / self.softcap) * self.softcap
 
 
 @flax.struct.dataclass

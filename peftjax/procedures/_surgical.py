@@ -73,7 +73,8 @@ def rank_layers(model: nnx.Module, batches, *, task: str, metric: str = "rgn") -
     the largest block's). ``batches``: an iterable of batches as the train step takes them
     (``input_ids``, ``attention_mask``, ``labels``, ...). ``task``: the loss (``causal_lm``,
     ``sequence_classification``, ``token_classification``)."""
-    from peftjax.train._losses import LOSSES  # train sits above procedures: imported lazily
+    # train sits above procedures: imported lazily
+    from peftjax.train._losses import LOSSES, model_loss_sums
     if metric != "rgn":
         raise ValueError(f"metric={metric!r}: only 'rgn' (relative gradient norm) is defined")
     if task not in LOSSES:
@@ -81,14 +82,12 @@ def rank_layers(model: nnx.Module, batches, *, task: str, metric: str = "rgn") -
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to rank")
-    loss_fn = LOSSES[task]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
     def grads(params, rest, batch):
         def mean_loss(p):
-            out = nnx.merge(graphdef, p, rest)(**{k: v for k, v in batch.items() if k != "labels"})
-            loss_sum, n, _ = loss_fn(out.logits, batch["labels"], batch.get("attention_mask"))
+            loss_sum, n, _ = model_loss_sums(nnx.merge(graphdef, p, rest), batch, task=task)
             return loss_sum / jnp.maximum(n, 1.0)
         return jax.grad(mean_loss)(params)
 

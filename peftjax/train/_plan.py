@@ -68,14 +68,15 @@ def dry_run(cfg: RunConfig, *, compile: bool = True) -> dict:
 def memory_plan(cfg: RunConfig) -> dict:
     """Where the train step's device memory goes, from XLA's own buffer sizes for the compiled
     step (no weights are loaded; it runs on CPU): frozen weights, trainable parameters and
-    optimizer state are the step's arguments; gradients (one per trainable parameter) and
-    activations are in its temporaries, of which gradients are counted as the trainable size
-    and the rest is activations and other temporaries."""
+    optimizer state are the step's arguments; gradients and activations are in its
+    temporaries, of which gradients are counted as the trainable size (at most the
+    temporaries: XLA may hold a gradient in the compute dtype, e.g. bf16 for float32 master
+    weights, or not all at once) and the rest is activations and other temporaries."""
     r = dry_run(cfg, compile=True)
     if "temp_bytes" not in r:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
-    r["gradient_bytes"] = r["trainable_bytes"]
-    r["activation_bytes"] = max(r["temp_bytes"] - r["gradient_bytes"], 0)
+    r["gradient_bytes"] = min(r["trainable_bytes"], r["temp_bytes"])
+    r["activation_bytes"] = r["temp_bytes"] - r["gradient_bytes"]
     r["batch_bytes"] = max(r["argument_bytes"] - r["frozen_bytes"] - r["trainable_bytes"]
                            - r["optimizer_bytes"], 0)
     return r

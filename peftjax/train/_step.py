@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from peftjax.models import _layers as L
-from peftjax.train._losses import LOSSES
+from peftjax.train._losses import LOSSES, model_loss_sums
 from peftjax.tuners._peft_model import PeftModel
 
 Batch = dict  # "input_ids" [B, T], "attention_mask" [B, T], "labels", optional model inputs
@@ -81,13 +81,9 @@ def set_remat(model: nnx.Module, policy: str) -> None:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to rematerialise")
 
 
-def _forward_sums(graphdef, loss_fn, trainable, frozen, batch: Batch, rng):
-    model = nnx.merge(graphdef, trainable, frozen)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if rng is not None:
-        inputs["dropout_rng"] = rng
-    out = model(**inputs)
-    return loss_fn(out.logits, batch["labels"], batch.get("attention_mask"))
+def _forward_sums(graphdef, task, trainable, frozen, batch: Batch, rng):
+    return model_loss_sums(nnx.merge(graphdef, trainable, frozen), batch, task=task,
+                           dropout_rng=rng)
 
 
 def _check_batch(batch: Batch, accum_steps: int) -> int:
@@ -120,13 +116,16 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         raise ValueError(f"task={task!r} has no training loss; use one of {', '.join(LOSSES)}")
     if accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps} must be >= 1")
-    loss_fn = LOSSES[task]
 
-    def sums_and_grads(trainable, frozen, batch, rng):
+    def sums_and_grads(trainable, frozen, batch, rng, mean: bool):
+        """Gradients of the loss sum (``mean``: of the mean loss, the count being a constant:
+        its 1/n enters the backward pass as the seed, instead of a pass over every gradient
+        afterwards, which also held a scaled copy of them) and the sums."""
         def f(tr):
-            loss_sum, n, correct = _forward_sums(graphdef, loss_fn, tr, frozen, batch, rng)
-            return loss_sum, (n, correct)
-        (loss_sum, (n, correct)), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+            loss_sum, n, correct = _forward_sums(graphdef, task, tr, frozen, batch, rng)
+            seed = loss_sum / jnp.maximum(n, 1.0) if mean else loss_sum
+            return seed, (loss_sum, n, correct)
+        (_, (loss_sum, n, correct)), grads = jax.value_and_grad(f, has_aux=True)(trainable)
         return grads, jnp.stack([loss_sum, n, correct])
 
     def step(trainable, opt_state, frozen, batch, rng):
@@ -138,7 +137,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def plain_step(trainable, opt_state, frozen, batch, rng):
         B = _check_batch(batch, accum_steps)
         if accum_steps == 1:
-            grads, sums = sums_and_grads(trainable, frozen, batch, rng)
+            grads, sums = sums_and_grads(trainable, frozen, batch, rng, True)
         else:
             micro = jax.tree.map(lambda x: x.reshape((accum_steps, B // accum_steps) + x.shape[1:]),
                                  batch)
@@ -146,13 +145,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             def body(carry, i_mb):
                 i, mb = i_mb
                 g, s = sums_and_grads(trainable, frozen, mb,
-                                      None if rng is None else jax.random.fold_in(rng, i))
+                                      None if rng is None else jax.random.fold_in(rng, i), False)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             zero = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((3,), jnp.float32))
             (grads, sums), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
+            grads = jax.tree.map(lambda g: g / jnp.maximum(sums[1], 1.0).astype(g.dtype), grads)
         n = jnp.maximum(sums[1], 1.0)
-        grads = jax.tree.map(lambda g: g / n.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": sums[0] / n, "accuracy": sums[2] / n, "targets": sums[1],
@@ -167,11 +166,10 @@ def make_eval_step(graphdef: nnx.GraphDef, *, task: str):
     "correct"}`` (no dropout). Add them over batches and call :func:`summarize`."""
     if task not in LOSSES:
         raise ValueError(f"task={task!r} has no loss; use one of {', '.join(LOSSES)}")
-    loss_fn = LOSSES[task]
 
     def step(trainable, frozen, batch):
         _check_batch(batch, 1)
-        loss_sum, n, correct = _forward_sums(graphdef, loss_fn, trainable, frozen, batch, None)
+        loss_sum, n, correct = _forward_sums(graphdef, task, trainable, frozen, batch, None)
         return {"loss_sum": loss_sum, "targets": n, "correct": correct}
 
     return jax.jit(step)

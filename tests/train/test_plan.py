@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 import pytest
 
 from peftjax.config import load_config
-from peftjax.train._plan import dry_run, format_plan
+from peftjax.train._plan import dry_run, format_plan, memory_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HUB = os.path.join(REPO, "tests", "data", "hub_configs")
@@ -38,3 +39,31 @@ def test_recipe_dry_run(recipe, hub_json, base, lora, tmp_path):
     assert report["optimizer_bytes"] == 2 * 4 * lora + 8  # AdamW moments in f32 + step counts
     if compile_it:
         assert report["temp_bytes"] > 0 and report["total_bytes"] >= report["frozen_bytes"]
+
+
+@pytest.mark.parametrize("plan", ["llama2-7b_lora.yaml", "llama2-7b_qlora.yaml"])
+def test_full_remat_keeps_about_a_block_input_per_layer(plan, tmp_path):
+    """With ``remat: full`` each added layer keeps its block input, not its weights in compute
+    form (before peftjax.models._remat: one layer's weights in float32 per layer, the f32
+    convert of bf16 / the dequantized NF4 weight, merged by XLA:CPU's CSE) nor its activations
+    (LoRA's weight-gradient products postponed by the scheduler)."""
+    with open(os.path.join(REPO, "configs", "memory", "llama-2-7b-hf", "config.json")) as f:
+        shape = json.load(f)
+    shape.update(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=2048)
+    T, E = 256, shape["hidden_size"]
+    acts = {}
+    for n in (2, 4):
+        d = tmp_path / f"l{n}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": n}))
+        cfg = load_config(os.path.join(REPO, "configs", "memory", plan),
+                          [f"model.path={d}", f"data.max_length={T}", f"data.buckets=[{T}]"])
+        acts[n] = memory_plan(cfg)["activation_bytes"]
+    per_layer = (acts[4] - acts[2]) / 2
+    block_input = T * E * 2  # bf16 [1, T, E]
+    layer_f32 = 4 * (4 * E * E + 3 * E * shape["intermediate_size"])
+    print(f"{plan}: activations {acts}; per added layer {per_layer / 2**20:.3f} MiB "
+          f"(block input {block_input / 2**20:.3f} MiB, the layer's weights in f32 "
+          f"{layer_f32 / 2**20:.1f} MiB)")
+    assert per_layer <= 3 * block_input

@@ -397,6 +397,10 @@ class ProcedureSection:
         return registered_procedures()[self.method](**self.options)
 
 
+# the tuner fields that set an adapter's dropout (LoRA / Tied-LoRA, VeRA, bottleneck adapters)
+_ADAPTER_DROPOUT = ("lora_dropout", "vera_dropout", "dropout")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelSection
@@ -424,6 +428,15 @@ class RunConfig:
             if self.data.task_names is not None and len(self.data.task_names) != n:
                 raise ConfigError(f"data.task_names lists {len(self.data.task_names)} tasks but "
                                   f"peft.num_tasks={n}")
+        if not self.train.dropout:
+            tuner = self.peft.tuner_config()
+            on = [f"peft.{name}={getattr(tuner, name)}" for name in _ADAPTER_DROPOUT
+                  if getattr(tuner, name, 0)]
+            if on:
+                raise ConfigError(
+                    f"{', '.join(on)} would do nothing: train.dropout=false turns every dropout "
+                    "off, the adapter's too (the train step gets no dropout key); set it to 0, "
+                    "or set train.dropout: true (the model's own dropout is then on as well)")
         if self.quantization.quant_type is not None and self.peft.method == "full":
             raise ConfigError(
                 f"peft.method='full' cannot train the {self.quantization.quant_type} (4-bit) "

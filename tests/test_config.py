@@ -134,3 +134,15 @@ def test_peft_section_dispatches_on_the_method():
     with pytest.raises(ConfigError,
                        match=r"method='boft' must be one of \(.*'ia3'.*'lora'.*'vera'"):
         config_from_dict(minimal(peft={"method": "boft"}))  # a PEFT method peftjax lacks
+
+
+@pytest.mark.parametrize("peft", [
+    {"method": "lora", "lora_dropout": 0.1}, {"method": "vera", "vera_dropout": 0.05},
+    {"method": "bottleneck", "dropout": 0.1}])
+def test_adapter_dropout_without_a_dropout_key_is_refused(peft):
+    """train.dropout=false gives the step no dropout key: an adapter dropout would be ignored."""
+    name, value = next((k, v) for k, v in peft.items() if k != "method")
+    with pytest.raises(ConfigError, match=f"peft.{name}={value} would do nothing"):
+        config_from_dict(minimal(peft=peft, train={"dropout": False}))
+    config_from_dict(minimal(peft=peft, train={"dropout": True}))
+    config_from_dict(minimal(peft={**peft, name: 0.0}, train={"dropout": False}))

@@ -211,6 +211,7 @@ class DataSection:
     packing: bool = False
     buckets: tuple[int, ...] | None = None
     shuffle_seed: int = 0
+    group_by_length: bool = False
 
     def __post_init__(self):
         p: list[str] = []
@@ -233,6 +234,9 @@ class DataSection:
                    f"max_length={self.max_length}")
         _check(p, not self.packing or self.format in ("text", "instruction", "chat"),
                "packing applies to language-model formats (text, instruction, chat)")
+        _check(p, not (self.packing and self.group_by_length),
+               "group_by_length groups examples of similar lengths, but packed rows all have "
+               "max_length tokens; set one of packing / group_by_length to false")
         _check(p, not (self.packing and self.task_field),
                "packing mixes examples of different tasks in one row; with task_field set, "
                "set packing: false")

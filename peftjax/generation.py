@@ -37,15 +37,20 @@ def _filter_logits(logits_BV, temperature, top_k: int, top_p):
     if top_k:
         kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth, neg, logits_BV)
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_BV, axis=-1)
-    # keep the smallest set of top tokens whose mass reaches top_p (always at least one)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits_BV < threshold, neg, logits_BV)
+
+    def nucleus(logits_BV):
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        # keep the smallest set of top tokens whose mass reaches top_p (always at least one)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(logits_BV < threshold, neg, logits_BV)
+
+    # the vocabulary sort only when some mass is cut (top_p is traced: one program for all)
+    return jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda x: x, logits_BV)
 
 
-def _next_token(logits_BV, key, temperature, top_p, *, greedy: bool, top_k: int):
+def _next_token(logits_BV, key, temperature=1.0, top_p=1.0, *, greedy: bool, top_k: int):
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, _filter_logits(logits_BV, temperature, top_k, top_p)).astype(jnp.int32)
@@ -62,27 +67,48 @@ def _generate(graphdef, state, ids_BT, mask_BT, rng, temperature, top_p, eos_ids
     out = model(ids_BT, attention_mask=mask_BS, cache=cache, last_logits_only=True)
     rng, key = jax.random.split(rng)
     tok = _next_token(out.logits[:, -1], key, temperature, top_p, greedy=greedy, top_k=top_k)
-    tokens = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-    done = jnp.zeros((B,), bool)
-    lengths = jnp.zeros((B,), jnp.int32)
+    sample = functools.partial(_next_token, temperature=temperature, top_p=top_p, greedy=greedy,
+                               top_k=top_k)
+    return continue_tokens(model, tok, out.cache, mask_BS, T, eos_ids, pad_id,
+                           max_new_tokens=max_new_tokens, sample=sample, rng=rng)
+
+
+def continue_tokens(model, tok_B, cache, mask_BS, slot, eos_ids, pad_id, *,
+                    max_new_tokens: int, sample=None, rng=None):
+    """The decode loop after a prefill: ``tok_B`` is each row's first new token, ``cache`` the
+    prefilled cache (its index scalar or per row), ``mask_BS`` marks the real slots so far and
+    ``slot`` (scalar or [B]) is where the first new token goes in the caller's slots. Each
+    step writes its token, stops rows at an EOS (``eos_ids``) and picks the next token with
+    ``sample(logits_BV, key)`` (default greedy). Returns ``(tokens [B, max_new_tokens]
+    (pad_id after a row ended), lengths [B])`` (inside jit)."""
+    B = tok_B.shape[0]
+    rows = jnp.arange(B)
+    if sample is None:
+        sample = lambda logits, key: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    rng = jax.random.key(0) if rng is None else rng
+
+    def record(step, tok, done, tokens, lengths):
+        tokens = tokens.at[:, step].set(jnp.where(done, pad_id, tok))
+        return tokens, lengths + (~done).astype(jnp.int32), done | jnp.isin(tok, eos_ids)
 
     def cond(carry):
         step, _, _, _, done, _, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < max_new_tokens - 1) & ~jnp.all(done)
 
-    def body(carry):
+    def body(carry):  # records token `step` and computes the next (the last needs no model call)
         step, tok, cache, mask_BS, done, tokens, lengths, rng = carry
-        tokens = tokens.at[:, step].set(jnp.where(done, pad_id, tok))
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(tok, eos_ids)
-        mask_BS = mask_BS.at[:, T + step].set(1)
+        tokens, lengths, done = record(step, tok, done, tokens, lengths)
+        at = slot + step
+        mask_BS = mask_BS.at[rows, at].set(1) if jnp.ndim(at) else mask_BS.at[:, at].set(1)
         out = model(tok[:, None], attention_mask=mask_BS, cache=cache, last_logits_only=True)
         rng, key = jax.random.split(rng)
-        nxt = _next_token(out.logits[:, -1], key, temperature, top_p, greedy=greedy, top_k=top_k)
-        return step + 1, nxt, out.cache, mask_BS, done, tokens, lengths, rng
+        return (step + 1, sample(out.logits[:, -1], key), out.cache, mask_BS, done, tokens,
+                lengths, rng)
 
-    carry = (jnp.int32(0), tok, out.cache, mask_BS, done, tokens, lengths, rng)
-    _, _, _, _, _, tokens, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), tok_B, cache, mask_BS, jnp.zeros((B,), bool),
+             jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B,), jnp.int32), rng)
+    step, tok, _, _, done, tokens, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    tokens, lengths, _ = record(step, tok, done, tokens, lengths)  # padding if all ended
     return tokens, lengths
 
 

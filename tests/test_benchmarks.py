@@ -77,3 +77,16 @@ def test_memory_plan_benchmark_runs(tmp_path):
             if ln.startswith("| qlora")]
     assert len(rows) == 1 and rows[0][1] == "64"
     assert float(rows[0][2]) > 0 and float(rows[0][-1]) > float(rows[0][-2]) > 0  # MiB
+
+
+def test_generate_benchmark_runs(tmp_path):
+    out = tmp_path / "generate.md"
+    run_benchmark("generate.py", out, "--size", "tiny", "--batches", "1,2", "--length", "8",
+                  "--tokens", "4", "--repeats", "1")
+    text = out.read_text()
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
+            if ln.startswith("| peftjax") or ln.startswith("| transformers")]
+    assert [(r[0], r[1]) for r in rows] == [("peftjax", "1"), ("peftjax", "2"),
+                                            ("transformers", "1"), ("transformers", "2")]
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # tokens/s
+    assert "Same tokens: yes" in text  # greedy on the same weights gives the same tokens

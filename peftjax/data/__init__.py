@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from peftjax.data._batches import (BatchStream, StreamPosition, bucket_for, collate,
-                                   default_buckets, eval_batches)
+                                   default_buckets, eval_batches, eval_chunks)
 from peftjax.data._formats import FORMATS, label_index, pack, tokenize_rows
 from peftjax.data._sources import carve_validation, load_rows
 from peftjax.data._vader import prepare as prepare_vader
@@ -64,5 +64,5 @@ def load_splits(cfg, tokenizer) -> Splits:
 
 
 __all__ = ["BatchStream", "FORMATS", "Splits", "StreamPosition", "bucket_for", "carve_validation",
-           "collate", "default_buckets", "eval_batches", "label_index", "load_rows", "load_splits",
-           "pack", "prepare_vader", "tokenize_rows"]
+           "collate", "default_buckets", "eval_batches", "eval_chunks", "label_index", "load_rows",
+           "load_splits", "pack", "prepare_vader", "tokenize_rows"]

@@ -65,9 +65,20 @@ class StreamPosition:
     index: int = 0  # batches already taken in this epoch
 
 
+# batches per length-sorted group of BatchStream(group_by_length=True) (the Hugging Face
+# Trainer's megabatch size for group_by_length)
+GROUP_BATCHES = 50
+
+
 class BatchStream:
     """Endless shuffled training batches. ``position`` / ``restore(position)`` make it resumable:
     the batch after a restore is the one that would have come next.
+
+    ``group_by_length``: batches of similar lengths (less padding, so less compute per
+    example), as the Hugging Face Trainer's option of that name: each epoch's permutation is cut
+    into groups of :data:`GROUP_BATCHES` batches, each group is sorted by length, cut into
+    batches, and the epoch's batches are shuffled. An epoch still takes every example once
+    (but for the fewer than ``batch_size`` left over, as without grouping).
 
     Example::
 
@@ -77,21 +88,32 @@ class BatchStream:
     """
 
     def __init__(self, examples: list[dict], *, batch_size: int, buckets: tuple[int, ...],
-                 seed: int, pad_id: int):
+                 seed: int, pad_id: int, group_by_length: bool = False):
         if len(examples) < batch_size:
             raise ValueError(f"{len(examples)} training examples are fewer than one batch "
                              f"(batch_size={batch_size}); lower train.batch_size or add data")
         self.examples, self.batch_size, self.buckets = examples, batch_size, tuple(buckets)
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.group_by_length = seed, pad_id, group_by_length
         self.batches_per_epoch = len(examples) // batch_size  # the remainder is dropped per epoch
         self.position = StreamPosition()
         self._order_epoch, self._order = -1, None
 
     def _order_of(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-            self._order_epoch = epoch
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            if self.group_by_length:
+                order = self._grouped(order, np.random.default_rng([self.seed, epoch, 1]))
+            self._order, self._order_epoch = order, epoch
         return self._order
+
+    def _grouped(self, order: np.ndarray, rng) -> np.ndarray:
+        lengths = np.asarray([len(ex["input_ids"]) for ex in self.examples])
+        size = GROUP_BATCHES * self.batch_size
+        groups = [g[np.argsort(-lengths[g], kind="stable")]
+                  for g in np.split(order, range(size, len(order), size))]
+        n = self.batches_per_epoch * self.batch_size
+        batches = np.concatenate(groups)[:n].reshape(self.batches_per_epoch, self.batch_size)
+        return batches[rng.permutation(self.batches_per_epoch)].reshape(-1)
 
     def restore(self, position: StreamPosition | dict) -> None:
         if isinstance(position, dict):
@@ -117,11 +139,17 @@ class BatchStream:
         return collate(chosen, length=length, batch_size=self.batch_size, pad_id=self.pad_id)
 
 
-def eval_batches(examples: list[dict], *, batch_size: int, buckets: tuple[int, ...], pad_id: int):
-    """In-order evaluation batches: examples sorted by length (less padding), every example
-    exactly once; the last batch is filled with ignored rows."""
+def eval_chunks(examples: list[dict], *, batch_size: int, buckets: tuple[int, ...], pad_id: int):
+    """``(examples, batch)`` pairs for evaluation: examples sorted by length (less padding),
+    every example exactly once; the last batch is filled with ignored rows."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         chosen = [examples[i] for i in order[start:start + batch_size]]
         length = bucket_for(max(len(ex["input_ids"]) for ex in chosen), buckets)
-        yield collate(chosen, length=length, batch_size=batch_size, pad_id=pad_id)
+        yield chosen, collate(chosen, length=length, batch_size=batch_size, pad_id=pad_id)
+
+
+def eval_batches(examples: list[dict], *, batch_size: int, buckets: tuple[int, ...], pad_id: int):
+    """The batches of :func:`eval_chunks`."""
+    for _, batch in eval_chunks(examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id):
+        yield batch

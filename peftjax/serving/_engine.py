@@ -91,9 +91,7 @@ def _sample(logits_BV, temperature_B, top_p_B, seeds_B, steps_B):
     greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     t = jnp.maximum(temperature_B, 1e-6)[:, None]
     p = top_p_B[:, None]
-    filtered = jax.lax.cond(jnp.all(top_p_B >= 1.0),  # no full-vocabulary sort unless needed
-                            lambda x: x.astype(jnp.float32) / t,
-                            lambda x: _filter_logits(x, t, 0, p), logits_BV)
+    filtered = _filter_logits(logits_BV, t, 0, p)  # sorts the vocabulary only if some p < 1
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, steps_B)
     sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
     return jnp.where(temperature_B > 0, sampled, greedy)

@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 
 from peftjax.checkpoint import RunCheckpointer
 from peftjax.config import RunConfig, save_config
-from peftjax.data import BatchStream, Splits, eval_batches, load_splits
+from peftjax.data import BatchStream, Splits, load_splits
 from peftjax.models import abstract_model, from_pretrained, save_pretrained
 from peftjax.quant._linear import STATE_NAMES, QuantizedLinear
 from peftjax.tokenizer import load_tokenizer
+from peftjax.train._eval import Evaluator
 from peftjax.train._optim import make_optimizer, make_schedule
 from peftjax.train._sharding import make_mesh, replicate_single, shard_batch, shard_state
-from peftjax.train._step import (make_eval_step, make_train_step, set_remat, split_model,
-                                 summarize)
+from peftjax.train._step import make_train_step, set_remat, split_model
 from peftjax.tuners import PeftModel, get_peft_model
 from peftjax.tuners._targets import named_modules
 
@@ -101,7 +101,8 @@ def prepared(cfg: RunConfig, *, splits: Splits | None = None, tokenizer=None,
     def batches(n: int):
         stream = BatchStream(splits.train, batch_size=cfg.train.batch_size,
                              buckets=splits.buckets, seed=cfg.data.shuffle_seed,
-                             pad_id=tokenizer.pad_token_id)
+                             pad_id=tokenizer.pad_token_id,
+                             group_by_length=cfg.data.group_by_length)
         return [next(stream) for _ in range(min(n, stream.batches_per_epoch))]
 
     return procedure.prepare(cfg, load_model=load_model,
@@ -208,44 +209,6 @@ def _stop_on_signals():
             signal.signal(sig, h)
 
 
-class Evaluator:
-    """Loss/accuracy over a split with the jitted eval step; for the instruction format also
-    greedy-generation accuracy (the generated text, stripped and lower-cased, starts with the
-    expected response)."""
-
-    def __init__(self, cfg: RunConfig, graphdef, task: str, tokenizer, buckets, mesh):
-        self.cfg, self.task, self.tok, self.buckets, self.mesh = cfg, task, tokenizer, buckets, mesh
-        self.step = make_eval_step(graphdef, task=task)
-        self.graphdef = graphdef
-
-    def __call__(self, examples: list[dict], trainable, frozen) -> dict:
-        examples = examples[:self.cfg.eval.max_examples]
-        if not examples:
-            return {}
-        sums = None
-        for batch in eval_batches(examples, batch_size=self.cfg.eval.batch_size,
-                                  buckets=self.buckets, pad_id=self.tok.pad_token_id):
-            out = self.step(trainable, frozen, shard_batch(batch, self.mesh))
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        result = summarize(sums, task=self.task)
-        if self.cfg.eval.generation and self.cfg.data.format == "instruction":
-            result["generation_accuracy"] = self._generation_accuracy(examples, trainable, frozen)
-        return result
-
-    def _generation_accuracy(self, examples, trainable, frozen) -> float:
-        from peftjax.generation import generate
-        model = nnx.merge(self.graphdef, trainable, frozen)
-        hits, bs = 0, self.cfg.eval.batch_size
-        for start in range(0, len(examples), bs):
-            chunk = examples[start:start + bs]
-            prompts = [ex["input_ids"][:ex["prompt_len"]].tolist() for ex in chunk]
-            out = generate(model, prompts, tokenizer=self.tok,
-                           max_new_tokens=self.cfg.eval.max_new_tokens)
-            for text, ex in zip(out.texts, chunk):
-                hits += text.strip().lower().startswith(ex["response"].strip().lower())
-        return hits / len(examples)
-
-
 def save_result(model, directory: str, tokenizer) -> str:
     """Writes what a run produces into ``directory`` with the tokenizer: a ``PeftModel``'s
     adapter (PEFT format) or a plain model's weights (Hugging Face format). Returns
@@ -329,7 +292,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
              f"parameters ({counts['trainable_pct']:.3f}%)" + _quant_note(cfg, model))
 
     stream = BatchStream(splits.train, batch_size=cfg.train.batch_size, buckets=splits.buckets,
-                         seed=cfg.data.shuffle_seed, pad_id=tok.pad_token_id)
+                         seed=cfg.data.shuffle_seed, pad_id=tok.pad_token_id,
+                         group_by_length=cfg.data.group_by_length)
     total = _total_steps(cfg, stream.batches_per_epoch)
     opt_cfg = cfg.train.optimizer_config(total)
     procedure = cfg.procedure.procedure_config()

@@ -1,6 +1,6 @@
 """The shipped configs: a shortened quickstart trains for real (CI), SmolLM2's config validates.
 
-The full quickstart runs (300 steps, ~7 minutes each on a 2-core CPU) are measured by hand and
+The full quickstart runs (300 steps, 4.5-7 minutes each on a 2-core CPU) are measured by hand and
 reported in the README; here a 45-step run must already lift test accuracy far above chance."""
 
 from __future__ import annotations

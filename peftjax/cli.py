@@ -13,6 +13,8 @@
     peftjax generate --model PATH [--adapter DIR] [--chat] PROMPT ...
     peftjax serve [SERVE.yaml] [--model PATH] [--adapter NAME=DIR ...] [--port N] ...
                                                                OpenAI-compatible server
+    peftjax launch -n N [--cpu-devices K] -- train CONFIG.yaml [KEY=VALUE ...]
+                                                               N processes (jax.distributed)
 
 Overrides use dotted keys: ``peftjax train cfg.yaml train.lr=1e-4 peft.r=16``.
 Exit codes: 0 done, 1 bad input (config, paths, checkpoints), 2 training diverged, 130
@@ -122,7 +124,25 @@ def _parser() -> argparse.ArgumentParser:
         if key != "adapters":
             p.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
                            type=kind if kind in (int, str) else str, help=text)
+    p = sub.add_parser("launch", help="run a command as N processes on this machine "
+                       "(jax.distributed; e.g. launch -n 2 -- train CONFIG)")
+    p.add_argument("-n", "--nproc", type=int, required=True, help="number of processes")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="CPU devices per process (JAX_NUM_CPU_DEVICES; runs on CPU)")
+    p.add_argument("--port", type=int, default=None,
+                   help="coordinator port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds the other processes get "
+                   "to stop after one fails, before SIGKILL")
+    p.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the peftjax command each process runs")
     return ap
+
+
+def _launch(args) -> int:
+    from peftjax._launch import launch
+    command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
+    return launch(args.nproc, command, cpu_devices=args.cpu_devices, port=args.port,
+                  grace_s=args.grace)
 
 
 def _load(args):
@@ -291,7 +311,8 @@ def _serve(args) -> int:
 _TASKS = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
           "CAUSAL_LM": "causal_lm"}
 COMMANDS = {"train": _train, "eval": _eval, "export": _export, "memory": _memory, "merge": _merge,
-            "merge-adapters": _merge_adapters, "generate": _generate, "serve": _serve}
+            "merge-adapters": _merge_adapters, "generate": _generate, "serve": _serve,
+            "launch": _launch}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -325,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     from peftjax.config import ConfigError
     from peftjax.models import CheckpointError, UnsupportedConfigError
     from peftjax.train._run import TrainingDiverged
+    from peftjax.train._sharding import DistributedSetupError
     try:
         return COMMANDS[args.command](args)
     except TrainingDiverged as e:
         print(f"peftjax: training stopped: {e}", file=sys.stderr)
         return 2
     except (ConfigError, CheckpointError, UnsupportedConfigError, CheckpointMismatchError,
-            FileNotFoundError, FileExistsError, ValueError) as e:
+            FileNotFoundError, FileExistsError, ValueError, DistributedSetupError) as e:
         if os.environ.get("PEFTJAX_DEBUG"):
             raise
         print(f"peftjax {args.command}: error: {e}", file=sys.stderr)

@@ -83,18 +83,24 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh shape; ``-1`` on one axis takes the devices the others leave.
-    ``distributed=True`` calls ``jax.distributed.initialize()`` first (multi-host)."""
+    ``distributed=True``: a multi-process run (``peftjax.train.initialize_distributed``, with
+    its ``init_timeout_s`` and ``heartbeat_timeout_s``)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     distributed: bool = False
+    init_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ValueError(f"mesh (data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}): "
                              "sizes must be positive, with at most one -1")
+        if self.init_timeout_s < 1 or self.heartbeat_timeout_s < 1:
+            raise ValueError(f"init_timeout_s={self.init_timeout_s}, heartbeat_timeout_s="
+                             f"{self.heartbeat_timeout_s}: timeouts must be >= 1 second")
 
 
 class ConfigError(ValueError):
@@ -359,7 +365,9 @@ class MeshSection:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    distributed: bool = False
+    distributed: bool = False  # several processes (peftjax launch); see MeshConfig
+    init_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
 
     def __post_init__(self):
         try:
@@ -368,7 +376,8 @@ class MeshSection:
             raise ConfigError(f"config section 'mesh': {e}") from None
 
     def mesh_config(self) -> MeshConfig:
-        return MeshConfig(self.data, self.fsdp, self.tensor, self.distributed)
+        return MeshConfig(self.data, self.fsdp, self.tensor, self.distributed,
+                          self.init_timeout_s, self.heartbeat_timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)

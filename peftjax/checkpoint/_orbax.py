@@ -71,7 +71,11 @@ class RunCheckpointer:
                 f"{self.directory}/{step}: the checkpoint was written for a different model, "
                 f"adapter or optimizer configuration: {diff}. Use the config it was trained with, "
                 "or a new output_dir.")
-        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+        # a leaf without a placement goes to the first device (not the placement it was saved
+        # with, which may be another process count's)
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=getattr(v, "sharding", None) or here)
                     for k, v in leaves.items()}
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]

@@ -85,17 +85,27 @@ class BatchStream:
         stream = BatchStream(examples, batch_size=32, buckets=(32, 64), seed=0, pad_id=0)
         batch = next(stream)          # numpy dict: input_ids, attention_mask, labels
         saved = stream.position       # StreamPosition(epoch=0, index=1)
+
+    ``rows``: collate only these rows of each batch (one process's share in a multi-process
+    run, ``peftjax.train.process_rows``); which examples form a batch and its padded length
+    are those of the whole batch, so the shares of all processes together are the batch one
+    process would make. ``last_tokens``: the real tokens of the whole batch last taken.
     """
 
     def __init__(self, examples: list[dict], *, batch_size: int, buckets: tuple[int, ...],
-                 seed: int, pad_id: int, group_by_length: bool = False):
+                 seed: int, pad_id: int, group_by_length: bool = False,
+                 rows: slice | None = None):
         if len(examples) < batch_size:
             raise ValueError(f"{len(examples)} training examples are fewer than one batch "
                              f"(batch_size={batch_size}); lower train.batch_size or add data")
         self.examples, self.batch_size, self.buckets = examples, batch_size, tuple(buckets)
         self.seed, self.pad_id, self.group_by_length = seed, pad_id, group_by_length
         self.batches_per_epoch = len(examples) // batch_size  # the remainder is dropped per epoch
+        self.rows = slice(0, batch_size) if rows is None else rows
+        if not 0 <= self.rows.start < self.rows.stop <= batch_size:
+            raise ValueError(f"rows {self.rows} are not within a batch of {batch_size}")
         self.position = StreamPosition()
+        self.last_tokens = 0
         self._order_epoch, self._order = -1, None
 
     def _order_of(self, epoch: int) -> np.ndarray:
@@ -134,9 +144,11 @@ class BatchStream:
         order = self._order_of(pos.epoch)
         take = order[pos.index * self.batch_size:(pos.index + 1) * self.batch_size]
         pos.index += 1
-        chosen = [self.examples[i] for i in take]
-        length = bucket_for(max(len(ex["input_ids"]) for ex in chosen), self.buckets)
-        return collate(chosen, length=length, batch_size=self.batch_size, pad_id=self.pad_id)
+        lengths = [len(self.examples[i]["input_ids"]) for i in take]
+        self.last_tokens = int(sum(lengths))
+        length = bucket_for(max(lengths), self.buckets)
+        chosen = [self.examples[i] for i in take[self.rows]]
+        return collate(chosen, length=length, batch_size=len(chosen), pad_id=self.pad_id)
 
 
 def eval_chunks(examples: list[dict], *, batch_size: int, buckets: tuple[int, ...], pad_id: int):

@@ -4,9 +4,10 @@ whole runs from a config (``run_training``, ``dry_run``)."""
 from peftjax.train._losses import (IGNORE_INDEX, causal_lm_loss, sequence_classification_loss,
                                    token_classification_loss)
 from peftjax.train._optim import OptimizerConfig, make_optimizer, make_schedule
-from peftjax.train._sharding import (DEFAULT_RULES, MeshConfig, batch_sharding,
-                                     initialize_distributed, make_mesh, partition_spec,
-                                     shard_batch, shard_state, state_shardings)
+from peftjax.train._sharding import (DEFAULT_RULES, DistributedSetupError, MeshConfig,
+                                     batch_sharding, initialize_distributed, is_primary,
+                                     make_mesh, partition_spec, process_rows, shard_batch,
+                                     shard_state, state_shardings, to_host)
 from peftjax.train._plan import dry_run, format_plan
 from peftjax.train._run import (TrainingDiverged, build_model, evaluate_checkpoint,
                                 load_trained_model, run_training)
@@ -14,11 +15,11 @@ from peftjax.train._step import (make_eval_step, make_train_step, set_remat, spl
                                  summarize, trainable_paths)
 
 __all__ = [
-    "DEFAULT_RULES", "IGNORE_INDEX", "MeshConfig", "OptimizerConfig", "TrainingDiverged",
+    "DEFAULT_RULES", "DistributedSetupError", "IGNORE_INDEX", "MeshConfig", "OptimizerConfig", "TrainingDiverged",
     "build_model", "dry_run", "evaluate_checkpoint", "format_plan", "load_trained_model",
     "run_training", "batch_sharding",
-    "initialize_distributed", "make_mesh", "partition_spec", "shard_batch", "shard_state",
-    "state_shardings", "causal_lm_loss", "make_eval_step", "make_optimizer",
+    "initialize_distributed", "is_primary", "make_mesh", "partition_spec", "process_rows",
+    "shard_batch", "shard_state", "state_shardings", "to_host", "causal_lm_loss", "make_eval_step", "make_optimizer",
     "make_schedule", "make_train_step", "sequence_classification_loss", "set_remat",
     "split_model", "summarize", "token_classification_loss", "trainable_paths",
 ]

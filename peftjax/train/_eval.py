@@ -22,7 +22,7 @@ from peftjax.config import RunConfig
 from peftjax.data import eval_batches, eval_chunks
 from peftjax.generation import _max_positions, continue_tokens
 from peftjax.train._losses import causal_lm_loss, lm_head_loss, output_head
-from peftjax.train._sharding import shard_batch
+from peftjax.train._sharding import shard_batch, to_host
 from peftjax.train._step import make_eval_step, summarize
 
 
@@ -70,7 +70,7 @@ class Evaluator:
             out, tokens, lengths = self.step(trainable, frozen, shard_batch(batch, self.mesh),
                                              prompt_len, eos, pad)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-            tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+            tokens, lengths = to_host((tokens, lengths))
             for ex, row, n in zip(chunk, tokens, lengths):
                 text = self.tok.decode(row[:n], skip_special_tokens=True)
                 hits += text.strip().lower().startswith(ex["response"].strip().lower())

@@ -29,14 +29,16 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from peftjax.checkpoint import RunCheckpointer
-from peftjax.config import RunConfig, save_config
+from peftjax.config import ConfigError, RunConfig, save_config
 from peftjax.data import BatchStream, Splits, load_splits
 from peftjax.models import abstract_model, from_pretrained, save_pretrained
 from peftjax.quant._linear import STATE_NAMES, QuantizedLinear
 from peftjax.tokenizer import load_tokenizer
 from peftjax.train._eval import Evaluator
 from peftjax.train._optim import make_optimizer, make_schedule
-from peftjax.train._sharding import make_mesh, replicate_single, shard_batch, shard_state
+from peftjax.train._sharding import (any_process, initialize_distributed, is_primary, make_mesh,
+                                     process_rows, replicate_single, shard_batch, shard_state,
+                                     to_host)
 from peftjax.train._step import make_train_step, set_remat, split_model
 from peftjax.tuners import PeftModel, get_peft_model
 from peftjax.tuners._targets import named_modules
@@ -163,11 +165,15 @@ def _peak_memory() -> dict:
 
 class _MetricsLog:
     """Appends JSON lines to ``metrics.jsonl`` and, when ``tensorboardX`` is installed, writes
-    the same scalars for TensorBoard."""
+    the same scalars for TensorBoard. ``enabled=False`` (processes other than the first in a
+    multi-process run) writes nothing."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, enabled: bool = True):
         self.path = os.path.join(directory, "metrics.jsonl")
+        self.enabled = enabled
         self._tb = None
+        if not enabled:
+            return
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
@@ -175,6 +181,8 @@ class _MetricsLog:
             pass
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
@@ -257,8 +265,25 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     to overwrite checkpoints when it is not). SIGINT/SIGTERM save a checkpoint and return with
     ``summary["interrupted"]`` set. A NaN/inf loss raises :class:`TrainingDiverged` without
     saving, so the newest checkpoint is the last good one.
+
+    With ``mesh.distributed`` every process of a multi-process launch calls this with the same
+    config: each feeds its rows of every batch, orbax checkpoints are written and restored by
+    all, and the first process alone writes the files (metrics, summary, adapter) and prints.
     """
     t_start = time.perf_counter()
+    if not cfg.mesh.distributed and int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:
+        raise ConfigError(f"JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} but "
+                          "mesh.distributed is false: every process would train alone into "
+                          "the same output_dir; set mesh.distributed=true (peftjax launch does)")
+    if cfg.mesh.distributed:  # before any JAX call: jax.distributed must come first
+        initialize_distributed(init_timeout_s=cfg.mesh.init_timeout_s,
+                               heartbeat_timeout_s=cfg.mesh.heartbeat_timeout_s)
+    primary = is_primary()
+    if not primary:  # one process reports
+        print_fn, progress = (lambda *args, **kw: None), False
+        with contextlib.suppress(ImportError):
+            import datasets
+            datasets.disable_progress_bars()
     out_dir = cfg.output_dir
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
@@ -279,7 +304,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         # pin the class count the data implies, so the saved config rebuilds the same head
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                  num_labels=splits.num_labels))
-    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    if primary:
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
     cfg = prepared(cfg, splits=splits, tokenizer=tok, print_fn=print_fn,
                    fresh=not (has_ckpt and cfg.train.resume))
     model, heads = build_model(cfg, num_labels=splits.num_labels, progress=progress)
@@ -293,7 +319,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
 
     stream = BatchStream(splits.train, batch_size=cfg.train.batch_size, buckets=splits.buckets,
                          seed=cfg.data.shuffle_seed, pad_id=tok.pad_token_id,
-                         group_by_length=cfg.data.group_by_length)
+                         group_by_length=cfg.data.group_by_length,
+                         rows=process_rows(mesh, cfg.train.batch_size))  # this process's share
     total = _total_steps(cfg, stream.batches_per_epoch)
     opt_cfg = cfg.train.optimizer_config(total)
     procedure = cfg.procedure.procedure_config()
@@ -324,7 +351,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     train_step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps,
                                  context=procedure.training_context)
     evaluator = Evaluator(cfg, graphdef, task, tok, splits.buckets, mesh)
-    log = _MetricsLog(out_dir)
+    log = _MetricsLog(out_dir, enabled=primary)
     compiled, compile_s, step_s = {}, 0.0, 0.0
     metric_name = "accuracy" if task != "causal_lm" else "loss"
     if cfg.eval.generation and cfg.data.format == "instruction":
@@ -345,8 +372,9 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         if saved["step"] == step:
             return
         saved["step"] = step
-        ckpt.save(step, _checkpoint_state(trainable, opt_state, jax.random.key_data(base_key),
-                                          proc.saved_state(frozen)),
+        # (replicated over the mesh: a multi-process checkpoint takes global arrays only)
+        ckpt.save(step, replicate_single(_checkpoint_state(
+            trainable, opt_state, jax.random.key_data(base_key), proc.saved_state(frozen)), mesh),
                   meta={"data": dataclasses.asdict(stream.position), "best": best,
                         "history": history, "reason": reason})
 
@@ -355,15 +383,20 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
 
     # PEFTJAX_FAULT_SIGKILL_AT=N kills this process with SIGKILL right after step N (and after
     # starting that step's checkpoint save, if any): the tests' crash-and-resume check.
+    # (PEFTJAX_FAULT_PROCESS=i: only process i; default all)
     fault_step = int(os.environ.get("PEFTJAX_FAULT_SIGKILL_AT", "-1"))
+    if os.environ.get("PEFTJAX_FAULT_PROCESS", str(jax.process_index())) != str(
+            jax.process_index()):
+        fault_step = -1
     interrupted, window = None, {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0}
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", unit="step",
                dynamic_ncols=True)
+    note = bar.write if primary else (lambda *args, **kw: None)
     try:
         with _stop_on_signals() as stop:
             while step < total:
                 host_batch = next(stream)
-                batch = shard_batch(host_batch, mesh)
+                batch = shard_batch(host_batch, mesh, global_rows=cfg.train.batch_size)
                 key = jax.random.fold_in(base_key, step) if cfg.train.dropout else None
                 length = batch["input_ids"].shape[1]
                 if length not in compiled:
@@ -372,7 +405,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                                                         key).compile()
                     dt = time.perf_counter() - t0
                     compile_s += dt
-                    bar.write(f"compiled the train step for length {length} in {dt:.1f} s "
+                    note(f"compiled the train step for length {length} in {dt:.1f} s "
                               f"({len(compiled)} shape(s) so far)")
                 t0 = time.perf_counter()
                 trainable, opt_state, metrics = compiled[length](trainable, opt_state, frozen,
@@ -392,13 +425,13 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                 window["loss"] += loss
                 window["acc"] += float(metrics["accuracy"])
                 window["n"] += 1
-                window["tokens"] += int(host_batch["attention_mask"].sum())
+                window["tokens"] += stream.last_tokens
                 bar.update(1)
                 if proc.at_boundary(step) and step < total:  # (not timed as a train step)
                     trainable, frozen, opt_state, record = proc.boundary(step, trainable, frozen,
                                                                          opt_state)
                     log.write({"step": step, "split": "procedure", **record})
-                    bar.write(f"step {step}: {_fmt(record)}")
+                    note(f"step {step}: {_fmt(record)}")
                 if window["n"] and (step % cfg.train.log_every == 0 or step == total):
                     record = {"step": step, "loss": window["loss"] / window["n"],
                               "accuracy": window["acc"] / window["n"],
@@ -417,8 +450,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                     save("interval")
                 if fault_step == step:  # fault injection for the resume tests (see above)
                     os.kill(os.getpid(), signal.SIGKILL)
-                if stop["signal"]:
-                    interrupted = stop["signal"]
+                if any_process(stop["signal"] is not None):  # every process stops at one step
+                    interrupted = stop["signal"] or "stopped by another process"
                     break
         bar.close()
         save("interrupted" if interrupted else "final")
@@ -430,10 +463,13 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
             best = _better(best, evaluate("validation", splits.validation), metric_name, step)
             if splits.test:
                 history["test"] = evaluate("test", splits.test)
+            if jax.process_count() > 1:  # every process gathers; the first one writes
+                trainable, frozen = to_host(trainable), to_host(frozen)
             nnx.update(model, trainable, frozen)
             model = procedure.final_model(model)
-            save_result(model, os.path.join(
-                out_dir, "adapter" if isinstance(model, PeftModel) else "model"), tok)
+            if primary:
+                save_result(model, os.path.join(
+                    out_dir, "adapter" if isinstance(model, PeftModel) else "model"), tok)
     finally:
         bar.close()
         ckpt.close()
@@ -444,8 +480,9 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                "run_seconds": round(time.perf_counter() - t_start, 1),
                "step_seconds": round(step_s, 1), "compile_seconds": round(compile_s, 1),
                "compiled_shapes": sorted(compiled), "best": best, **history, **_peak_memory()}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if primary:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if not interrupted:
         print_fn(_summary_text(summary))
     return summary
@@ -528,7 +565,8 @@ def evaluate_checkpoint(cfg: RunConfig, *, split: str = "test", step: int | None
         raise ValueError(f"the data has no {split!r} split")
     heads = None if model_dir is not None else head_modules(cfg, model)
     graphdef, trainable, frozen = split_model(model, modules=heads)
-    mesh = make_mesh(cfg.mesh.mesh_config())
+    # one process, its own devices (a multi-process run's checkpoints restore into any mesh)
+    mesh = make_mesh(dataclasses.replace(cfg.mesh.mesh_config(), distributed=False))
     trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
     result = Evaluator(cfg, graphdef, run_task(cfg), tok, splits.buckets, mesh)(
         examples, trainable, frozen)

@@ -99,14 +99,15 @@ def adapter(out_dir):
 
 
 def test_sigkill_and_resume_is_bit_identical(tiny_bert, tmp_path):
-    """A run killed with SIGKILL at three random steps (one of them right after a checkpoint
+    """A run killed with SIGKILL at two random steps (one of them right after a checkpoint
     save started, so orbax is mid-write) and resumed each time ends with adapter weights
     bit-identical to an uninterrupted run, and every step it ran (before and after each resume)
-    has exactly the uninterrupted run's loss."""
+    has exactly the uninterrupted run's loss. (The multi-process version of this check is in
+    test_multihost.py.)"""
     seed = int(os.environ.get("PEFTJAX_KILL_SEED", "0"))
     rs = random.Random(seed)
-    kills = sorted(rs.sample(range(1, 12), 2) + [2 * rs.randint(1, 5)])  # one on a save step
-    while len(set(kills)) < 3:
+    kills = sorted({rs.randint(1, 11), 2 * rs.randint(1, 5)})  # one on a save step
+    while len(kills) < 2:
         kills = sorted(set(kills) | {rs.randint(1, 11)})
     print(f"kill points (seed {seed}): {kills}")
     cfg_a, out_a = write_config(tmp_path, tiny_bert, "straight")

@@ -388,13 +388,47 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     if os.environ.get("PEFTJAX_FAULT_PROCESS", str(jax.process_index())) != str(
             jax.process_index()):
         fault_step = -1
-    interrupted, window = None, {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0}
+    interrupted = None
+    # The loop does not wait for each step: a step's metrics stay on the device (pending) and
+    # are read back together at the next log step, evaluation, save, procedure boundary or the
+    # end, so the host prepares and places the next batch while the device runs this one.
+    # Reading them back is where a NaN/inf loss is caught: before anything is saved.
+    window = {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0, "grad_norm": None}
+    pending, clock = [], {"start": None, "excluded": 0.0}
+
+    def flush() -> None:
+        """Waits for the pending steps, checks their losses and adds them to the window."""
+        nonlocal step_s
+        if not pending:
+            return
+        values = jax.device_get([m for _, m in pending])
+        elapsed = time.perf_counter() - clock["start"] - clock["excluded"]
+        clock["start"], clock["excluded"] = None, 0.0
+        window["t"] += elapsed
+        step_s += elapsed
+        for (at, _), m in zip(pending, values):
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                kept = ckpt.latest_step()
+                raise TrainingDiverged(
+                    f"the loss became {loss} at step {at} (grad norm "
+                    f"{float(m['grad_norm']):.3g}); nothing was saved for it. The last good "
+                    f"checkpoint is {f'{ckpt_dir}/{kept}' if kept is not None else 'none'}. "
+                    "Lower train.lr, raise warmup_steps, or keep max_grad_norm set.")
+            window["loss"] += loss
+            window["acc"] += float(m["accuracy"])
+            window["n"] += 1
+            window["grad_norm"] = float(m["grad_norm"])
+        pending.clear()
+
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", unit="step",
                dynamic_ncols=True)
     note = bar.write if primary else (lambda *args, **kw: None)
     try:
         with _stop_on_signals() as stop:
             while step < total:
+                if clock["start"] is None:
+                    clock["start"] = time.perf_counter()
                 host_batch = next(stream)
                 batch = shard_batch(host_batch, mesh, global_rows=cfg.train.batch_size)
                 key = jax.random.fold_in(base_key, step) if cfg.train.dropout else None
@@ -405,54 +439,52 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                                                         key).compile()
                     dt = time.perf_counter() - t0
                     compile_s += dt
+                    clock["excluded"] += dt
                     note(f"compiled the train step for length {length} in {dt:.1f} s "
-                              f"({len(compiled)} shape(s) so far)")
-                t0 = time.perf_counter()
+                         f"({len(compiled)} shape(s) so far)")
                 trainable, opt_state, metrics = compiled[length](trainable, opt_state, frozen,
                                                                  batch, key)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    kept = ckpt.latest_step()
-                    raise TrainingDiverged(
-                        f"the loss became {loss} at step {step + 1} (grad norm "
-                        f"{float(metrics['grad_norm']):.3g}); nothing was saved for it. The last "
-                        f"good checkpoint is {f'{ckpt_dir}/{kept}' if kept is not None else 'none'}"
-                        ". Lower train.lr, raise warmup_steps, or keep max_grad_norm set.")
                 step += 1
-                dt = time.perf_counter() - t0
-                window["t"] += dt
-                step_s += dt
-                window["loss"] += loss
-                window["acc"] += float(metrics["accuracy"])
-                window["n"] += 1
+                pending.append((step, metrics))
                 window["tokens"] += stream.last_tokens
                 bar.update(1)
-                if proc.at_boundary(step) and step < total:  # (not timed as a train step)
+                logs = step % cfg.train.log_every == 0 or step == total
+                evals = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
+                saves = bool(cfg.train.save_every) and step % cfg.train.save_every == 0
+                boundary = proc.at_boundary(step) and step < total
+                if logs or boundary or ((evals or saves) and step < total) or fault_step == step:
+                    flush()
+                if boundary:  # (not timed as a train step)
                     trainable, frozen, opt_state, record = proc.boundary(step, trainable, frozen,
                                                                          opt_state)
                     log.write({"step": step, "split": "procedure", **record})
                     note(f"step {step}: {_fmt(record)}")
-                if window["n"] and (step % cfg.train.log_every == 0 or step == total):
+                if logs and window["n"]:
                     record = {"step": step, "loss": window["loss"] / window["n"],
                               "accuracy": window["acc"] / window["n"],
                               "lr": float(schedule(step - 1)),
-                              "grad_norm": float(metrics["grad_norm"]),
+                              "grad_norm": window["grad_norm"],
                               "tokens_per_s": window["tokens"] / max(window["t"], 1e-9),
                               "epoch": stream.position.epoch}
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
-                    window = {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0}
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                    window = {"loss": 0.0, "acc": 0.0, "n": 0, "tokens": 0, "t": 0.0,
+                              "grad_norm": None}
+                if evals and step < total:
                     best = _better(best, evaluate("validation", splits.validation), metric_name,
                                    step)
-                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
+                if saves and step < total:
                     save("interval")
                 if fault_step == step:  # fault injection for the resume tests (see above)
                     os.kill(os.getpid(), signal.SIGKILL)
-                if any_process(stop["signal"] is not None):  # every process stops at one step
-                    interrupted = stop["signal"] or "stopped by another process"
-                    break
+                # a signal stops the run at the next step; with several processes they agree
+                # on the step at log steps (a collective: it waits for the device)
+                if jax.process_count() == 1 or logs:
+                    if any_process(stop["signal"] is not None):
+                        interrupted = stop["signal"] or "stopped by another process"
+                        break
+        flush()
         bar.close()
         save("interrupted" if interrupted else "final")
         ckpt.wait()

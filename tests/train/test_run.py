@@ -171,6 +171,17 @@ def test_sigint_saves_and_nan_stops(tiny_bert, tmp_path):
     assert good is not None and f"checkpoints/{good}" in proc.stderr
     losses = dict(train_losses(out))
     assert all(np.isfinite(v) for v in losses.values()) and max(losses) == good
+    at = int(proc.stderr.split("at step ")[1].split(" ")[0])
+    assert at == good + 1
+    # the loop reads the metrics back at log steps and before saves, not after every step: the
+    # same run logging every 4 steps and saving every 3 names the same step and saves nothing
+    # from it on
+    cfg, out = write_config(tmp_path, tiny_bert, "nan_late", train={
+        "lr": 1e38, "max_grad_norm": None, "save_every": 3, "log_every": 4})
+    proc = cli("train", cfg, check=2)
+    assert f"the loss became" in proc.stderr and f" at step {at} " in proc.stderr, proc.stderr
+    ck = RunCheckpointer(os.path.join(out, "checkpoints"), keep=2)
+    assert (ck.latest_step() or 0) < at
 
 
 def tensorboard_scalars(directory, tag):

@@ -108,7 +108,7 @@ def launch(nproc: int, command: list[str], *, cpu_devices: int | None = None,
             previous[sig] = signal.signal(sig, forward)
     except ValueError:  # not the main thread
         pass
-    failed = None
+    failed, stopped = None, 0
     try:
         while any(p.poll() is None for p in procs):
             # (130: interrupted, a checkpoint saved; the others are saving theirs too)
@@ -122,6 +122,7 @@ def launch(nproc: int, command: list[str], *, cpu_devices: int | None = None,
             failed = bad[0] if bad else None
         if failed is not None:
             alive = [p for p in procs if p.poll() is None]
+            stopped = len(alive)
             for p in alive:
                 p.terminate()
             deadline = time.monotonic() + grace_s
@@ -140,8 +141,7 @@ def launch(nproc: int, command: list[str], *, cpu_devices: int | None = None,
         return 0
     code = procs[failed].returncode
     why = diagnosis.get(failed, "")
-    others = nproc - 1
     print(f"peftjax launch: process {failed} of {nproc} exited with {_describe(code)}"
           + (f" ({why})" if why else "")
-          + (f"; stopped the other {others} process(es)" if others else ""), file=sys.stderr)
+          + (f"; stopped the other {stopped} process(es)" if stopped else ""), file=sys.stderr)
     return code if code > 0 else 128 - code

@@ -15,11 +15,13 @@ from peftjax.train._step import (make_eval_step, make_train_step, set_remat, spl
                                  summarize, trainable_paths)
 
 __all__ = [
-    "DEFAULT_RULES", "DistributedSetupError", "IGNORE_INDEX", "MeshConfig", "OptimizerConfig", "TrainingDiverged",
+    "DEFAULT_RULES", "DistributedSetupError", "IGNORE_INDEX", "MeshConfig", "OptimizerConfig",
+    "TrainingDiverged",
     "build_model", "dry_run", "evaluate_checkpoint", "format_plan", "load_trained_model",
     "run_training", "batch_sharding",
     "initialize_distributed", "is_primary", "make_mesh", "partition_spec", "process_rows",
-    "shard_batch", "shard_state", "state_shardings", "to_host", "causal_lm_loss", "make_eval_step", "make_optimizer",
+    "shard_batch", "shard_state", "state_shardings", "to_host", "causal_lm_loss",
+    "make_eval_step", "make_optimizer",
     "make_schedule", "make_train_step", "sequence_classification_loss", "set_remat",
     "split_model", "summarize", "token_classification_loss", "trainable_paths",
 ]

@@ -36,7 +36,7 @@ from peftjax.quant._linear import STATE_NAMES, QuantizedLinear
 from peftjax.tokenizer import load_tokenizer
 from peftjax.train._eval import Evaluator
 from peftjax.train._optim import make_optimizer, make_schedule
-from peftjax.train._sharding import (any_process, initialize_distributed, is_primary, make_mesh,
+from peftjax.train._sharding import (_env_int, any_process, initialize_distributed, is_primary, make_mesh,
                                      process_rows, replicate_single, shard_batch, shard_state,
                                      to_host)
 from peftjax.train._step import make_train_step, set_remat, split_model
@@ -271,7 +271,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     all, and the first process alone writes the files (metrics, summary, adapter) and prints.
     """
     t_start = time.perf_counter()
-    if not cfg.mesh.distributed and int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:
+    if not cfg.mesh.distributed and (_env_int("JAX_NUM_PROCESSES") or 1) > 1:
         raise ConfigError(f"JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} but "
                           "mesh.distributed is false: every process would train alone into "
                           "the same output_dir; set mesh.distributed=true (peftjax launch does)")
@@ -452,7 +452,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                 evals = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
                 saves = bool(cfg.train.save_every) and step % cfg.train.save_every == 0
                 boundary = proc.at_boundary(step) and step < total
-                if logs or boundary or ((evals or saves) and step < total) or fault_step == step:
+                if logs or boundary or ((evals or saves) and step < total):
                     flush()
                 if boundary:  # (not timed as a train step)
                     trainable, frozen, opt_state, record = proc.boundary(step, trainable, frozen,

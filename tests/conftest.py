@@ -20,14 +20,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
-import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("PEFTJAX_TEST_CACHE", os.path.join(REPO, ".cache", "tests"))
 # converted GGUF models and prepared datasets are cached here once per machine
 os.environ.setdefault("PEFTJAX_CACHE", CACHE)
+# XLA's persistent compilation cache, shared by both test processes and every subprocess they
+# start: many tests build the same tiny models and steps, and the CLI runs (resume after a kill,
+# the multi-process runs) compile what an earlier process already compiled. The key covers the
+# HLO, the XLA flags, the devices and the jaxlib version, so a hit is the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(CACHE, "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
 
 _DEC = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -90,3 +90,48 @@ def test_generate_benchmark_runs(tmp_path):
                                             ("transformers", "1"), ("transformers", "2")]
     assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # tokens/s
     assert "Same tokens: yes" in text  # greedy on the same weights gives the same tokens
+
+
+def _table(text: str, study: str) -> list[list[str]]:
+    """The rows of one study's table in methods.py's markdown."""
+    block = text.split(f"### {study}", 1)[1].split("\n### ", 1)[0]
+    return [[c.strip() for c in ln.split("|")[1:-1]] for ln in block.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| case") and
+            not ln.startswith("| remat")]
+
+
+def test_methods_benchmark_small_budget(tmp_path):
+    """``--budget small`` trains its reduced grid for real (MiniLM on the movie reviews, 2 seeds,
+    20 steps), writes the tables and plots, and ``--check`` retrains a case identically."""
+    script = os.path.join(REPO, "benchmarks", "methods.py")
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, script, "--budget", "small", "--results",
+                           str(results)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    text = (results / "methods_minilm_small.md").read_text()
+    methods = _table(text, "methods")
+    assert [r[0] for r in methods] == ["classifier only", "LoRA r=8"]
+    # the parameter counts of the shipped configs (README: quickstart results)
+    assert [r[2].split(" ")[0] for r in methods] == ["770", "338,690"]
+    rank = _table(text, "rank")
+    assert [r[0] for r in rank] == ["r=1", "r=8"] and rank[1][2:5] == methods[1][2:5]
+    for r in methods + rank:  # mean ± std (2 seeds: a, b), every accuracy a probability
+        accs = [float(a) for a in r[3].split(": ")[1].rstrip(")").split(", ")]
+        assert len(accs) == 2 and all(0.0 < a <= 1.0 for a in accs), r
+        assert abs(float(r[3].split(" ")[0]) - sum(accs) / 2) < 1e-4, r
+    memory = _table(text, "memory")
+    none = [float(r[3]) for r in memory if r[0] == "none"]
+    full = [float(r[3]) for r in memory if r[0] == "full"]
+    assert [r[1] for r in memory] == ["1", "6"] * 2
+    assert none[0] < none[1] and full[1] < none[1], memory
+    for name in ("methods_minilm_small.csv", "methods_minilm_small_memory.csv",
+                 "methods_minilm_small_params.png", "methods_minilm_small_rank.png",
+                 "methods_minilm_small_memory.png"):
+        assert (results / name).stat().st_size > 100, name
+    # rerunning reuses every finished case; --check retrains one and finds the same numbers
+    key = next(ln.split(" ")[1] for ln in proc.stdout.splitlines()
+               if "methods: classifier only" in ln and "seed 0" in ln)
+    again = subprocess.run([sys.executable, script, "--budget", "small", "--results",
+                            str(results), "--check", key], capture_output=True, text=True,
+                           timeout=600, cwd=REPO)
+    assert again.returncode == 0 and "identical" in again.stdout, again.stdout + again.stderr

@@ -394,6 +394,12 @@ def main() -> None:
     args = p.parse_args()
     if args.case:
         spec = json.loads(args.case)
+        if spec.get("memory"):  # before JAX starts: XLA:CPU's memory-minimising scheduler, as
+            # `peftjax memory` and the tests use (the default one runs remat's recomputation
+            # early and hides what remat saves; GPU/TPU schedulers are memory-aware)
+            flag = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+            if flag not in os.environ.get("XLA_FLAGS", ""):
+                os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
         report(memory_case(spec) if spec.get("memory") else train_case(spec))
         return
 

@@ -189,8 +189,6 @@ def case_config(task: str, config: str, overrides: dict, seed: int, budget: str,
             raw["peft"] = dict(value)
         else:
             _set(raw, dotted, value)
-    if raw.get("train", {}).get("warmup_steps", 0) >= raw["train"]["steps"]:
-        raw["train"]["warmup_steps"] = max(raw["train"]["steps"] // 10, 1)
     _set(raw, "train.seed", seed)
     _set(raw, "data.shuffle_seed", seed)
     _set(raw, "output_dir", out_dir)
@@ -210,7 +208,7 @@ def train_case(spec: dict) -> dict:
            "val_accuracy": s["best"]["value"] if s.get("best") else None,
            "steps": s["steps"], "step_seconds": s["step_seconds"],
            "run_seconds": s["run_seconds"], "peak_rss_gib": s.get("host_peak_rss_gib")}
-    if spec["seed"] == spec["first_seed"]:  # compiled memory does not depend on the seed
+    if spec["seed"] == BUDGETS[spec["budget"]]["seeds"][0]:  # memory does not depend on it
         plan = dry_run(cfg)
         row["step_temp_gib"] = plan.get("temp_bytes", 0) / 2**30
         row["step_total_gib"] = plan.get("total_bytes", 0) / 2**30
@@ -302,6 +300,14 @@ def plots(prefix: str, task: str, summary: list[dict], memory: list[dict]) -> li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
+
+    def save(fig, ax, suffix: str) -> None:
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(prefix + suffix)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     methods = [r for r in summary if r["study"] == "methods"]
     if methods:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -314,11 +320,7 @@ def plots(prefix: str, task: str, summary: list[dict], memory: list[dict]) -> li
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(f"{task}: accuracy vs trainable parameters")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(prefix + "_params.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "_params.png")
     rank = [r for r in summary if r["study"] == "rank"]
     if rank:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -329,11 +331,7 @@ def plots(prefix: str, task: str, summary: list[dict], memory: list[dict]) -> li
         ax.set_xlabel("LoRA rank r (alpha = 2r)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{task}: accuracy vs rank")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(prefix + "_rank.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "_rank.png")
     if memory:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for remat in MEMORY_REMAT:
@@ -344,11 +342,7 @@ def plots(prefix: str, task: str, summary: list[dict], memory: list[dict]) -> li
         ax.set_ylabel("compiled step temporaries (MiB)")
         ax.set_title(f"{task}: step memory vs adapted blocks")
         ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(prefix + "_memory.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "_memory.png")
     return written
 
 
@@ -373,7 +367,7 @@ def plan_cases(task: str, budget: str, studies: list[str] | None):
                 continue
             for seed in b["seeds"]:
                 spec = {"task": task, "budget": budget, "config": config,
-                        "overrides": overrides, "seed": seed, "first_seed": b["seeds"][0]}
+                        "overrides": overrides, "seed": seed}
                 cfg = case_config(task, config, overrides, seed, budget, "unused")
                 entries.append({"study": study, "label": label, "seed": seed,
                                 "key": case_key(cfg, seed), "spec": spec})

@@ -5,6 +5,7 @@ study for LoRA, as mean +- std over seeds, with tables and plots.
     python benchmarks/methods.py --budget small         # a reduced grid (~2.5 min; the tests)
     python benchmarks/methods.py --study methods --study rank    # some studies only
     python benchmarks/methods.py --task smollm2         # SmolLM2-135M sentiment (generation)
+    python benchmarks/methods.py --no-train             # tables of the finished cases only
 
 Tasks (real data, offline):
   minilm   the quickstart: all-MiniLM-L6-v2 classifying movie-review snippets by their human
@@ -29,8 +30,9 @@ Each trained case (config + overrides + seed) runs ``peftjax.train.run_training`
 of its own (clean peak RSS) and its result is kept in
 ``benchmarks/results/methods/<task>_<budget>/cases/<key>.json`` (the key digests the whole
 resolved config, so a case shared by several studies trains once); a later run reuses those
-files (``--fresh`` trains again), so the full grid can be run in parts and a table rebuilt
-without training. Training is deterministic for a seed on a given machine and library set, so
+files (``--fresh`` trains again), so the full grid can be run in parts (the finished cases are
+committed) and its tables rebuilt without training (``--no-train``: what is finished so far,
+naming what is not). Training is deterministic for a seed on a given machine and library set, so
 a rerun reproduces every number except the times and memory (``--check CASE`` retrains one
 case and compares). Seeds vary the adapter/head initialisation (``train.seed``) and the batch
 order (``data.shuffle_seed``); the data split is fixed.
@@ -197,6 +199,25 @@ def case_config(task: str, config: str, overrides: dict, seed: int, budget: str,
     return config_from_dict(raw)
 
 
+def provenance() -> dict:
+    """Where and when a case was trained: runs are deterministic on one host and library set,
+    and the grid may be run in parts, so each case records its own."""
+    import subprocess
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=REPO).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no", "--", "peftjax", "configs"):
+        commit += "+changes"  # the library or the configs differ from the commit
+    return {"host": f"{cpu}, {os.cpu_count()} cores", "date": str(datetime.date.today()),
+            "commit": commit}
+
+
 def train_case(spec: dict) -> dict:
     """Child process: trains one case and returns its row (``report``-ed to the parent)."""
     from peftjax.train import dry_run, run_training
@@ -209,7 +230,8 @@ def train_case(spec: dict) -> dict:
            "test_loss": s["test"]["loss"], "test_examples": s["test"]["targets"],
            "val_accuracy": s["best"]["value"] if s.get("best") else None,
            "steps": s["steps"], "step_seconds": s["step_seconds"],
-           "run_seconds": s["run_seconds"], "peak_rss_gib": s.get("host_peak_rss_gib")}
+           "run_seconds": s["run_seconds"], "peak_rss_gib": s.get("host_peak_rss_gib"),
+           **provenance()}
     if spec["seed"] == BUDGETS[spec["budget"]]["seeds"][0]:  # memory does not depend on it
         plan = dry_run(cfg)
         row["step_temp_gib"] = plan.get("temp_bytes", 0) / 2**30
@@ -271,9 +293,10 @@ def markdown(task: str, budget: str, summary: list[dict], memory: list[dict], me
                   "(seeds) | val. acc. mean | train steps s | run s | step temp GiB (XLA) | "
                   "peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in summary if r["study"] == study):
+            std = lambda r: f"{r['test_acc_std']:.4f}" if r["seeds"] > 1 else "n/a"  # noqa: E731
             lines.append(
                 f"| {r['label']} | {r['method']} | {r['trainable']:,d} ({r['trainable_pct']:.3f}%)"
-                f" | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} ({r['seeds']}: "
+                f" | {r['test_acc_mean']:.4f} ± {std(r)} ({r['seeds']}: "
                 f"{', '.join(f'{a:.4f}' for a in r['test_accs'])}) | {r['val_acc_mean']:.4f} | "
                 f"{r['step_s_mean']:.1f} | {r['run_s_mean']:.1f} | {r['step_temp_gib']:.3f} | "
                 f"{r['peak_rss_gib']:.2f} |")
@@ -383,6 +406,8 @@ def main() -> None:
     p.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     p.add_argument("--study", action="append", help="repeatable; default: all of the task's")
     p.add_argument("--fresh", action="store_true", help="retrain cases that have results")
+    p.add_argument("--no-train", action="store_true", help="train nothing: the tables of the "
+                   "finished cases only (a grid run in parts), naming what is missing")
     p.add_argument("--check", metavar="KEY", help="retrain one finished case (the key the "
                    "progress lines print) and compare its results with the kept ones")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
@@ -434,6 +459,9 @@ def main() -> None:
             results[key] = json.load(open(path))
             print(f"[{i}/{len(specs)}] {key} ({what}, seed {spec['seed']}): kept", flush=True)
             continue
+        if args.no_train:
+            print(f"[{i}/{len(specs)}] {key} ({what}, seed {spec['seed']}): missing", flush=True)
+            continue
         t = time.perf_counter()
         results[key] = run(key, spec)
         with open(path + ".tmp", "w") as f:
@@ -446,7 +474,7 @@ def main() -> None:
         path = os.path.join(cases_dir, "memory.json")
         if os.path.isfile(path) and not args.fresh:
             memory = json.load(open(path))["rows"]
-        else:
+        elif not args.no_train:
             t = time.perf_counter()
             memory = run("memory", {"task": args.task, "budget": args.budget,
                                     "memory": True})["rows"]
@@ -454,17 +482,26 @@ def main() -> None:
                 json.dump({"rows": memory}, f, indent=1)
             os.replace(path + ".tmp", path)
             print(f"memory study: {len(memory)} compiles, {time.perf_counter() - t:.0f} s")
+    missing = [e for e in entries if e["key"] not in results]
+    entries = [e for e in entries if e["key"] in results]
     if not entries and not memory:
-        sys.exit("nothing to report: no case selected")
+        sys.exit("nothing to report: no case selected" + (" is finished" if missing else ""))
     rows = [{**results[e["key"]], "study": e["study"], "label": e["label"], "seed": e["seed"]}
             for e in entries]
     summary = summarise(rows) if rows else []
     took = time.perf_counter() - t0
     meta = (f"{datetime.date.today()}, {os.cpu_count()} CPU cores ({platform.machine()}); "
-            f"seeds {list(BUDGETS[args.budget]['seeds'])}; {len(specs)} distinct trainings "
+            f"seeds {list(BUDGETS[args.budget]['seeds'])}; {len(results)} distinct trainings "
             f"(identical configs in several studies train once), their run times summing to "
             f"{sum(r['run_seconds'] for r in results.values()):.0f} s; this invocation "
             f"{took:.0f} s (cases kept from earlier invocations are not retrained).")
+    made = sorted({(r.get("host", "host not recorded"), r.get("date", "?"), r.get("commit", "?"))
+                   for r in results.values()})
+    meta += " Cases trained on: " + "; ".join(f"{h} ({d}, {c})" for h, d, c in made) + "."
+    if missing:  # --no-train on a grid run in parts
+        meta += (f" Not trained yet ({len(missing)} of {len(missing) + len(entries)} entries): "
+                 + "; ".join(dict.fromkeys(f"{e['study']}: {e['label']}" for e in missing))
+                 + "; a row's seed count says how many of its seeds are finished.")
     text = markdown(args.task, args.budget, summary, memory, meta)
     print(text)
     md = write_result(text, os.path.join(args.results, name + ".md"), name)

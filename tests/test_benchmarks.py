@@ -102,7 +102,8 @@ def _table(text: str, study: str) -> list[list[str]]:
 
 def test_methods_benchmark_small_budget(tmp_path):
     """``--budget small`` trains its reduced grid for real (MiniLM on the movie reviews, 2 seeds,
-    20 steps), writes the tables and plots, and ``--check`` retrains a case identically."""
+    20 steps), writes the tables and plots, ``--check`` retrains a case identically, and
+    ``--no-train`` tables a grid that is only partly finished."""
     script = os.path.join(REPO, "benchmarks", "methods.py")
     results = tmp_path / "results"
     proc = subprocess.run([sys.executable, script, "--budget", "small", "--results",
@@ -136,3 +137,16 @@ def test_methods_benchmark_small_budget(tmp_path):
                             str(results), "--check", key], capture_output=True, text=True,
                            timeout=600, cwd=REPO)
     assert again.returncode == 0 and "identical" in again.stdout, again.stdout + again.stderr
+    # a grid run in parts: --no-train tables what is finished and names what is not
+    lora1 = next(ln.split(" ")[1] for ln in proc.stdout.splitlines()
+                 if "methods: LoRA r=8" in ln and "seed 1" in ln)
+    os.remove(results / "methods" / "minilm_small" / "cases" / f"{lora1}.json")
+    part = subprocess.run([sys.executable, script, "--budget", "small", "--results",
+                           str(results), "--no-train"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert part.returncode == 0, part.stdout + part.stderr
+    text = (results / "methods_minilm_small.md").read_text()
+    assert "Not trained yet (2 of 6 entries): methods: LoRA r=8; rank: r=8" in text, text
+    assert _table(text, "methods")[0] == methods[0]  # the finished row is unchanged
+    seed0 = methods[1][3].split("(2: ")[1].split(",")[0]  # LoRA's seed-0 accuracy
+    assert _table(text, "methods")[1][3] == f"{seed0} ± n/a (1: {seed0})", text

@@ -452,7 +452,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     results = {}
-    for i, (key, spec) in enumerate(specs.items(), 1):
+    # breadth first: every case's first seed, then the second, ...: a grid stopped part way
+    # (and tabled with --no-train) has every row, with fewer seeds
+    order = sorted(specs.items(), key=lambda kv: kv[1]["seed"])
+    for i, (key, spec) in enumerate(order, 1):
         path = os.path.join(cases_dir, key + ".json")
         what = "; ".join(f"{e['study']}: {e['label']}" for e in entries if e["key"] == key)
         if os.path.isfile(path) and not args.fresh:

@@ -8,10 +8,12 @@ Each case runs in its own process (clean peak memory) on random weights and rand
   peftjax_full     every weight trains (AdamW over all parameters)
   peftjax_lora     LoRA r=16, alpha 32 on q/k/v/o/gate/up/down (AdamW over the adapters)
   torch_peft_lora  the same LoRA with PyTorch + PEFT (eager, SDPA attention, torch AdamW)
+  torch_full       full fine-tuning in PyTorch (transformers' model, torch AdamW)
 No gradient checkpointing in any case (PEFT's default), same optimizer settings (lr 1e-4,
 clip 1.0). Reported: median step time over --steps timed steps after --warmup, tokens/s,
 memory (device peak on GPU; process peak RSS on CPU; plus XLA's compiled buffer sizes for
-JAX), and ratios against PyTorch PEFT. The table is printed and written to
+JAX), and ratios against PyTorch PEFT's LoRA and against PyTorch doing the same kind of
+training (full against full, LoRA against LoRA). The table is printed and written to
 benchmarks/results/train_step_<size>_<device>.md.
 """
 
@@ -38,7 +40,9 @@ SIZES = {
     "tiny": dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=128,
                  batch=2, seq=16, dtype="float32"),
 }
-CASES = ("peftjax_full", "peftjax_lora", "torch_peft_lora")
+CASES = ("peftjax_full", "peftjax_lora", "torch_full", "torch_peft_lora")
+SAME_KIND = {"peftjax_full": "torch_full", "peftjax_lora": "torch_peft_lora",
+             "torch_full": "torch_full", "torch_peft_lora": "torch_peft_lora"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, RANK, ALPHA = 1e-4, 16, 32
 
@@ -106,7 +110,7 @@ def run_jax(case: str, s: dict, steps: int, warmup: int) -> dict:
                 device=f"{dev.platform}: {dev.device_kind}")
 
 
-def run_torch(s: dict, steps: int, warmup: int) -> dict:
+def run_torch(case: str, s: dict, steps: int, warmup: int) -> dict:
     import peft
     import torch
     import transformers
@@ -116,12 +120,14 @@ def run_torch(s: dict, steps: int, warmup: int) -> dict:
     dtype = getattr(torch, s["dtype"])
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config(s)).to(device=device, dtype=dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                       target_modules=TARGETS,
-                                                       task_type="CAUSAL_LM"))
+    if case == "torch_peft_lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
+                                                           target_modules=TARGETS,
+                                                           task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # as peftjax: adapters in float32 over a bf16 base
-        p.data = p.data.float()
+    if case == "torch_peft_lora":
+        for p in params:  # as peftjax: adapters in float32 over a bf16 base
+            p.data = p.data.float()
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -165,17 +171,20 @@ def table(results: dict, s: dict, args) -> str:
              f"after {args.warmup} warmup; {datetime.date.today()}, "
              f"{platform.node() or 'host'}, {os.cpu_count()} CPU cores.", "",
              f"| case | device | trainable / total params | step ms | tokens/s | tokens/s vs PEFT "
-             f"| {mem_name} | memory vs PEFT | XLA compiled GiB (temp) | compile s | loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| tokens/s vs torch, same kind | {mem_name} | memory vs PEFT | "
+             f"XLA compiled GiB (temp) | compile s | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, r in results.items():
         tps = tokens / r["step_s"]
         speed = f"{(ref['step_s'] / r['step_s']):.2f}x" if ref else "-"
+        same = results.get(SAME_KIND[case])
+        same_speed = f"{(same['step_s'] / r['step_s']):.2f}x" if same else "-"
         mem = r.get(mem_key)
         mem_ratio = f"{mem / ref[mem_key]:.2f}x" if ref and mem and ref.get(mem_key) else "-"
         xla = (f"{_gib(r['compiled_bytes'])} ({_gib(r['temp_bytes'])})"
                if r["compiled_bytes"] is not None else "-")
         lines.append(f"| {case} | {r['device']} | {r['trainable']:,} / {r['total']:,} | "
-                     f"{1000 * r['step_s']:.1f} | {tps:,.0f} | {speed} | {_gib(mem)} | {mem_ratio} "
+                     f"{1000 * r['step_s']:.1f} | {tps:,.0f} | {speed} | {same_speed} | {_gib(mem)} | {mem_ratio} "
                      f"| {xla} | {r['compile_s']:.1f} | {r['loss']:.3f} |")
     return "\n".join(lines)
 
@@ -191,7 +200,7 @@ def main():
     args = ap.parse_args()
     s = SIZES[args.size]
     if args.case:
-        r = (run_torch(s, args.steps, args.warmup) if args.case == "torch_peft_lora"
+        r = (run_torch(args.case, s, args.steps, args.warmup) if args.case.startswith("torch")
              else run_jax(args.case, s, args.steps, args.warmup))
         report(r)
         return

@@ -22,9 +22,26 @@ def test_train_step_benchmark_runs(tmp_path):
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| peftjax") or
             ln.startswith("| torch")]
     assert [r.split("|")[1].strip() for r in rows] == ["peftjax_full", "peftjax_lora",
-                                                        "torch_peft_lora"]
-    for r in rows:  # tokens/s column is a positive number
-        assert float(r.split("|")[5].strip().replace(",", "")) > 0
+                                                        "torch_full", "torch_peft_lora"]
+    for r in rows:  # tokens/s is a positive number; torch against itself is 1.00x
+        cells = [c.strip() for c in r.split("|")]
+        assert float(cells[5].replace(",", "")) > 0
+        assert cells[7] == "1.00x" if cells[1].startswith("torch") else cells[7].endswith("x")
+    full = next(r for r in rows if r.startswith("| torch_full")).split("|")[3]
+    assert full.split("/")[0].strip() == full.split("/")[1].strip()  # every weight trains
+
+
+def test_xla_cpu_flags_benchmark_runs(tmp_path):
+    """Each setting in a process of its own; a flag the jaxlib does not know is a row that says
+    so, and the other settings still run."""
+    out = tmp_path / "flags.md"
+    run_benchmark("xla_cpu_flags.py", out, "--size", "tiny", "--steps", "1", "--warmup", "1",
+                  "--settings", "default", "--try=--xla_cpu_no_such_flag=1", "--no-torch")
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.read_text().splitlines()
+            if ln.startswith("| default") or ln.startswith("| --try")]
+    assert [r[0] for r in rows] == ["default", "--try 1"], rows
+    assert rows[0][3] == "1.00x" and float(rows[0][2]) > 0 and rows[0][6] == "+0.00e+00", rows
+    assert rows[1][2].startswith("rejected"), rows
 
 
 def test_nf4_matmul_benchmark_runs(tmp_path):

@@ -21,6 +21,7 @@ import datetime
 import os
 import platform
 import re
+import statistics
 import sys
 
 from _results import run_case, write_result
@@ -61,10 +62,24 @@ def run_setting(case: str, flags: str, args) -> dict:
             os.environ["XLA_FLAGS"] = before
 
 
+def _combine(results: list) -> dict:
+    """One setting's processes: the median of their median step times (the first error if
+    any failed); ``step_ms_all`` keeps each."""
+    bad = [r for r in results if "error" in r]
+    if bad:
+        return bad[0]
+    out = dict(results[0])
+    out["step_s"] = statistics.median(r["step_s"] for r in results)
+    out["steps_s"] = [r["step_s"] for r in results]
+    return out
+
+
 def table(rows: list, torch: dict | None, case: str, args) -> str:
     default = next((r for label, _, r in rows if label == "default" and "error" not in r), None)
     lines = [f"XLA:CPU options on train_step.py's `{case}` case (size `{args.size}`), median of "
-             f"{args.steps} steps after {args.warmup} warmup; {datetime.date.today()}, "
+             f"{args.steps} steps after {args.warmup} warmup in each of {args.repeats} processes "
+             f"per setting (step ms: the median of the processes' medians; each in "
+             f"brackets); {datetime.date.today()}, "
              f"{os.cpu_count()} CPU cores ({platform.machine()}).", "",
              "| setting | XLA_FLAGS | step ms | vs default | vs PyTorch PEFT LoRA | loss | "
              "loss - default's | compile s |", "|---|---|---|---|---|---|---|---|"]
@@ -75,7 +90,8 @@ def table(rows: list, torch: dict | None, case: str, args) -> str:
         vs_default = f"{default['step_s'] / r['step_s']:.2f}x" if default else "-"
         vs_torch = f"{torch['step_s'] / r['step_s']:.2f}x" if torch else "-"
         diff = f"{r['loss'] - default['loss']:+.2e}" if default else "-"
-        lines.append(f"| {label} | `{flags or '(none)'}` | {1000 * r['step_s']:.1f} | "
+        each = "/".join(f"{1000 * t:.0f}" for t in r["steps_s"])
+        lines.append(f"| {label} | `{flags or '(none)'}` | {1000 * r['step_s']:.1f} ({each}) | "
                      f"{vs_default} | {vs_torch} | {r['loss']:.6f} | {diff} | "
                      f"{r['compile_s']:.1f} |")
     if torch:
@@ -90,6 +106,7 @@ def main() -> None:
     ap.add_argument("--case", default="peftjax_lora", choices=["peftjax_lora", "peftjax_full"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="processes per setting")
     ap.add_argument("--settings", help="comma-separated labels (default: all)")
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="FLAGS",
                     help="another setting: XLA flags to add, as --try=FLAGS (repeatable)")
@@ -106,14 +123,20 @@ def main() -> None:
                      + ", ".join(label for label, _ in SETTINGS))
         chosen = [(w, known[w]) for w in wanted]
     chosen = chosen + [(f"--try {i}", flags) for i, flags in enumerate(args.tries, 1)]
-    rows = []
-    for label, flags in chosen:
-        print(f"running {args.case} with {label} ...", flush=True)
-        rows.append((label, flags, run_setting(args.case, flags, args)))
+    # rounds: every setting once per round, each round starting one setting later, so no
+    # setting always runs first (this machine's step times drift by ~25% between processes)
+    runs = {label: [] for label, _ in chosen}
+    for rnd in range(args.repeats):
+        for j in range(len(chosen)):
+            label, flags = chosen[(j + rnd) % len(chosen)]
+            print(f"[round {rnd + 1}/{args.repeats}] {args.case} with {label} ...", flush=True)
+            runs[label].append(run_setting(args.case, flags, args))
+    rows = [(label, flags, _combine(runs[label])) for label, flags in chosen]
     torch = None
     if not args.no_torch:
         print("running torch_peft_lora ...", flush=True)
-        torch = run_setting("torch_peft_lora", "", args)
+        torch = _combine([run_setting("torch_peft_lora", "", args)
+                          for _ in range(args.repeats)])
         torch = None if "error" in torch else torch
     text = table(rows, torch, args.case, args)
     print(text)

@@ -260,7 +260,8 @@ _OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig)
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     """Steps, batch, optimizer (``lr`` and the other ``OptimizerConfig`` keys: ``schedule``,
-    ``warmup_steps``, ``weight_decay``, ``max_grad_norm``, ...), remat, logging, evaluation and
+    ``warmup_steps``, ``weight_decay``, ``max_grad_norm``, ...), remat, scanning identical
+    blocks (``scan_layers``: one compiled block for the stack), logging, evaluation and
     checkpoint cadence. ``steps`` wins over ``epochs`` when both are set."""
 
     steps: int | None = None
@@ -269,6 +270,7 @@ class TrainSection:
     accum_steps: int = 1
     lr: float = 2e-4
     remat: str = "none"
+    scan_layers: bool = False
     dropout: bool = True
     seed: int = 0
     log_every: int = 10

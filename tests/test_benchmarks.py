@@ -98,6 +98,17 @@ def test_memory_plan_benchmark_runs(tmp_path):
     assert float(rows[0][2]) > 0 and float(rows[0][-1]) > float(rows[0][-2]) > 0  # MiB
 
 
+def test_compile_time_benchmark_runs(tmp_path):
+    """Both modes of each plan compile in a process of their own; the table has one row per
+    plan with positive compile times."""
+    out = tmp_path / "compile.md"
+    run_benchmark("compile_time.py", out, "--sizes", "tiny", "--plans", "lora", "--seq", "64")
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.read_text().splitlines()
+            if ln.startswith("| tiny")]
+    assert [r[:3] for r in rows] == [["tiny", "lora", "4"]], rows
+    assert float(rows[0][3]) > 0 and float(rows[0][4]) > 0 and rows[0][5].endswith("x"), rows
+
+
 def test_generate_benchmark_runs(tmp_path):
     out = tmp_path / "generate.md"
     run_benchmark("generate.py", out, "--size", "tiny", "--batches", "1,2", "--length", "8",

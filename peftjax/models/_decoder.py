@@ -73,7 +73,9 @@ def common_fields(cfg: HFConfig, num_labels: int | None) -> dict:
 
 class DecoderAttention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, layer_idx: int, *, dtype, param_dtype, rngs):
-        self.cfg, self.layer_idx = cfg, layer_idx
+        # the layer's rotary table, not its index: identical layers have identical graphs, which
+        # is what lets train.scan_layers scan them
+        self.cfg, self.rope = cfg, cfg.layer_ropes[layer_idx]
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.q_proj = L.Linear(E, H * D, use_bias=cfg.qkv_bias, axes=("embed", "heads"), **kw)
@@ -96,8 +98,7 @@ class DecoderAttention(nnx.Module):
         q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        rope = cfg.layer_ropes[self.layer_idx]
-        q, k = L.apply_rope(q, positions_BT, rope), L.apply_rope(k, positions_BT, rope)
+        q, k = L.apply_rope(q, positions_BT, self.rope), L.apply_rope(k, positions_BT, self.rope)
         new_cache = None
         if cache_kv is not None:
             k, v = new_cache = L.update_cache(*cache_kv, k, v, cache_index)
@@ -169,6 +170,7 @@ class DecoderModel(nnx.Module):
         self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, offset=cfg.norm_offset,
                               dtype=dtype, param_dtype=param_dtype)
         self.remat = "none"  # per-block rematerialisation policy (peftjax.train.set_remat)
+        self.scan_layers = False  # identical blocks as one scan (peftjax.train.set_scan_layers)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  cache: L.KVCache | None = None, extra_kv=None, dropout_rng=None) -> L.ModelOutput:
@@ -190,13 +192,12 @@ class DecoderModel(nnx.Module):
             positions = L.default_positions(attention_mask, T, offset)
         masks = {w: L.attention_mask(q_slots, attention_mask, causal=True, window=w)
                  for w in set(cfg.layer_windows)}
-        kvs = []
-        for i, layer in enumerate(self.layers):
-            x, kv = L.call_block(layer, self.remat, x, positions_BT=positions,
-                                 mask_BTS=masks[cfg.layer_windows[i]],
+        per_layer = [dict(mask_BTS=masks[cfg.layer_windows[i]],
                           cache_kv=cache.layer(i) if cache is not None else None,
-                          cache_index=offset, extra=extra_kv[i] if extra_kv is not None else None)
-            kvs.append(kv)
+                          extra=extra_kv[i] if extra_kv is not None else None)
+                     for i in range(len(self.layers))]
+        x, kvs = L.run_blocks(self.layers, self.remat, self.scan_layers and (cache is None or T > 1), x,
+                              per_layer, positions_BT=positions, cache_index=offset)
         return L.ModelOutput(hidden_states=self.norm(x), cache=L.next_cache(cache, kvs, T))
 
     @property

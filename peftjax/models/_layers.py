@@ -26,7 +26,8 @@ from flax import nnx
 
 from peftjax.models._config import UnsupportedConfigError
 from peftjax.models._remat import (CHECKPOINT_NAMES, REMAT_POLICIES, call_block,  # noqa: F401
-                                  remat_policy)
+                                  current_block, remat_policy, run_blocks,
+                                  traced_context)
 
 Array = jax.Array
 DType = Any

@@ -40,6 +40,9 @@ return it unchanged; a fusion cannot reach across a conditional, so the chain is
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -90,13 +93,153 @@ def call_block(block: nnx.Module, remat: str, x: Array, **kwargs):
               if any(isinstance(a, jax.Array) for a in jax.tree.leaves(v))}
     static = {k: v for k, v in kwargs.items() if k not in traced}
     graphdef, state = nnx.split(block)
+    # The block may be traced again after this call returns (a custom_vjp's forward inside a
+    # scan is traced when the scan is differentiated): it runs in a copy of this call's context,
+    # with the arrays among the registered context variables passed as arguments, not closed
+    # over (a closed-over tracer of the finished trace would leak)
+    context = contextvars.copy_context()
+    arrays = [_array_or_none(v.get()) for v in _TRACED_CONTEXT]
 
-    def run(state, x, traced):  # pure: blocks do not mutate their state
-        return nnx.merge(graphdef, state)(x, **traced, **static)
+    def run(state, x, traced, arrays):  # pure: blocks do not mutate their state
+        def call():
+            for var, a in zip(_TRACED_CONTEXT, arrays):
+                if a is not None:
+                    var.set(a)
+            return nnx.merge(graphdef, state)(x, **traced, **static)
+        return context.copy().run(call)
 
-    leaves, tree = jax.tree.flatten((state, x, traced))
+    leaves, tree = jax.tree.flatten((state, x, traced, arrays))
     n_state = len(jax.tree.leaves(state))
     return _rematerialised(run, policy, tree, n_state)(*leaves)
+
+
+# the index of the block being traced (a Python int, or the loop counter of a scanned stack):
+# what adapters fold into their dropout keys, so identical blocks hold identical graphs
+_BLOCK: contextvars.ContextVar = contextvars.ContextVar("block_index", default=None)
+# context variables that may hold arrays read inside blocks (see call_block)
+_TRACED_CONTEXT: list[contextvars.ContextVar] = [_BLOCK]
+
+
+def traced_context(var: contextvars.ContextVar) -> contextvars.ContextVar:
+    """Registers a context variable read inside blocks that may hold an array (a dropout key),
+    so a rematerialised block gets its value as an argument (see :func:`call_block`)."""
+    _TRACED_CONTEXT.append(var)
+    return var
+
+
+def _array_or_none(a):
+    return a if isinstance(a, jax.Array) else None
+
+
+def current_block():
+    """The index of the transformer block whose call is being traced (None outside blocks)."""
+    return _BLOCK.get()
+
+
+@contextlib.contextmanager
+def _in_block(index):
+    token = _BLOCK.set(index)
+    try:
+        yield
+    finally:
+        _BLOCK.reset(token)
+
+
+def run_blocks(blocks, remat: str, scan: bool, x: Array, per_layer: list[dict], **shared):
+    """Runs ``blocks`` in order on ``x``, each through :func:`call_block` with ``**shared`` and
+    its own ``per_layer[i]`` keyword arguments; returns ``(x, [extra output of each block])``
+    (a block returns ``x`` or ``(x, extra)``; the extra is None for the first kind).
+
+    ``scan``: identical blocks run as one ``jax.lax.scan`` over their stacked weights, so the
+    compiler sees one block instead of each (compile time and program size no longer grow with
+    depth). Blocks are identical when their graphs (module structure, static attributes,
+    adapters) and their per-layer arguments' structures and shapes agree; a pattern that repeats
+    with a period (Gemma's local/global layers) is scanned as a super-block of that period, and
+    blocks that fit no repeat (LoRA on some layers only) run unrolled. Per-layer arguments that
+    are the same object for every scanned block (one mask for all) are passed once, the others
+    stacked. The stacking copies the scanned blocks' weights once per call (XLA holds one stacked
+    copy among the temporaries); see the README's compile-time table. Values agree with the
+    unrolled loop to float rounding (XLA compiles the scanned body as its own program). The
+    models scan calls over a KV cache only for several tokens (training with a prefix in the
+    cache, prefill): a decode step stays unrolled, as stacking the cache would copy it per token.
+    """
+    blocks = list(blocks)
+    if not scan or len(blocks) < 2:
+        extras = []
+        for i, (block, kw) in enumerate(zip(blocks, per_layer)):
+            with _in_block(i):
+                x, extra = _split_output(call_block(block, remat, x, **kw, **shared))
+            extras.append(extra)
+        return x, extras
+    splits = [nnx.split(b) for b in blocks]
+    keys = [(g, _signature(kw)) for (g, _), kw in zip(splits, per_layer)]
+    extras: list = [None] * len(blocks)
+    for start, period, count in _repeats(keys):
+        if count < 2:  # unrolled
+            for i in range(start, start + period * count):
+                with _in_block(i):
+                    x, extras[i] = _split_output(call_block(blocks[i], remat, x, **per_layer[i],
+                                                            **shared))
+            continue
+        rows = [list(range(start + q, start + period * count, period)) for q in range(period)]
+        graphdefs = [splits[r[0]][0] for r in rows]
+        states, stacked_kw, fixed_kw = [], [], []
+        for r in rows:
+            states.append(jax.tree.map(lambda *a: jnp.stack(a), *[splits[i][1] for i in r]))
+            fixed = {k: v for k, v in per_layer[r[0]].items()
+                     if all(per_layer[i][k] is v for i in r)}
+            fixed_kw.append(fixed)
+            stacked_kw.append({k: jax.tree.map(lambda *a: jnp.stack(a),
+                                               *[per_layer[i][k] for i in r])
+                               for k in per_layer[r[0]] if k not in fixed})
+
+        def body(x, xs, graphdefs=graphdefs, fixed_kw=fixed_kw):
+            outs = []
+            for graphdef, (index, state, kw), fixed in zip(graphdefs, xs, fixed_kw):
+                block = nnx.merge(graphdef, state)
+                with _in_block(index):
+                    x, extra = _split_output(call_block(block, remat, x, **kw, **fixed,
+                                                        **shared))
+                outs.append(extra)
+            return x, outs
+
+        indices = [jnp.asarray(r, jnp.int32) for r in rows]
+        x, outs = jax.lax.scan(body, x, list(zip(indices, states, stacked_kw)))
+        for q, r in enumerate(rows):
+            for j, i in enumerate(r):
+                extras[i] = jax.tree.map(lambda a, j=j: a[j], outs[q])
+    return x, extras
+
+
+def _split_output(out):
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def _signature(kw: dict):
+    """What must agree between per-layer arguments for their blocks to be scanned together:
+    the pytree structure and each array leaf's shape and dtype."""
+    leaves, tree = jax.tree.flatten(kw)
+    return tree, tuple((jnp.shape(a), jnp.result_type(a)) if isinstance(a, jax.Array) else a
+                       for a in leaves)
+
+
+def _repeats(keys: list, max_period: int = 8) -> list[tuple[int, int, int]]:
+    """``(start, period, count)`` segments covering ``keys`` in order: ``count`` repeats of
+    ``period`` consecutive keys. The smallest period that makes the whole sequence periodic
+    wins (its remainder is one unrolled segment); otherwise runs of equal consecutive keys."""
+    n = len(keys)
+    for p in range(1, min(max_period, n // 2) + 1):
+        if all(keys[i] == keys[i + p] for i in range(n - p)):
+            segments = [(0, p, n // p)]
+            return segments + ([(p * (n // p), n % p, 1)] if n % p else [])
+    segments, i = [], 0
+    while i < n:
+        j = i
+        while j + 1 < n and keys[j + 1] == keys[i]:
+            j += 1
+        segments.append((i, 1, j - i + 1))
+        i = j + 1
+    return segments
 
 
 def _rematerialised(fn, policy, tree, n_state: int):

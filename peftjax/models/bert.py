@@ -165,6 +165,7 @@ class BertModel(nnx.Module):
                                     axes=("embed", "embed_out"), **L.init_kw(cfg, dtype, param_dtype, rngs))
         self.pooler = pooler
         self.remat = "none"  # per-block rematerialisation policy (peftjax.train.set_remat)
+        self.scan_layers = False  # identical blocks as one scan (peftjax.train.set_scan_layers)
 
     def default_positions(self, input_ids, attention_mask, B: int, T: int):
         """Absolute position ids that count real tokens, so that left and right padding give
@@ -200,10 +201,11 @@ class BertModel(nnx.Module):
             attention_mask = jnp.ones((B, T), jnp.int32)
         mask = L.attention_mask(jnp.zeros((1, T), jnp.int32), attention_mask, causal=False,
                                 window=None)
-        for i, layer in enumerate(self.encoder.layer):
-            x = L.call_block(layer, self.remat, x, mask_BTS=mask,
-                             extra=extra_kv[i] if extra_kv is not None else None,
-                             dropout_rng=L.fold(dropout_rng, i))
+        per_layer = [dict(extra=extra_kv[i] if extra_kv is not None else None,
+                          dropout_rng=L.fold(dropout_rng, i))
+                     for i in range(len(self.encoder.layer))]
+        x, _ = L.run_blocks(self.encoder.layer, self.remat, self.scan_layers, x, per_layer,
+                            mask_BTS=mask)
         pooled = (jnp.tanh(self.pooler.dense(L.first_token(x, attention_mask)))
                   if self.pooler is not None else None)
         return L.ModelOutput(hidden_states=x, pooled=pooled)

@@ -85,7 +85,9 @@ def parse_config(data: dict, *, num_labels: int | None = None) -> GPT2Config:
 
 class GPT2Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, layer_idx: int, *, dtype, param_dtype, rngs):
-        self.cfg, self.layer_idx = cfg, layer_idx
+        # the index only where it changes the program (train.scan_layers scans identical graphs)
+        self.cfg = cfg
+        self.layer_idx = layer_idx if cfg.scale_attn_by_inverse_layer_idx else None
         E = cfg.hidden_size
         kw = L.init_kw(cfg, dtype, param_dtype, rngs)
         self.c_attn = L.Conv1D(E, 3 * E, use_bias=True, axes=("embed", "qkv"), **kw)
@@ -167,6 +169,7 @@ class GPT2Model(nnx.Module):
         self.ln_f = L.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
                                 param_dtype=param_dtype)
         self.remat = "none"  # per-block rematerialisation policy (peftjax.train.set_remat)
+        self.scan_layers = False  # identical blocks as one scan (peftjax.train.set_scan_layers)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  cache: L.KVCache | None = None, extra_kv=None, dropout_rng=None) -> L.ModelOutput:
@@ -179,13 +182,11 @@ class GPT2Model(nnx.Module):
             positions = L.default_positions(attention_mask, T, offset)
         x = L.dropout(x + self.wpe(positions), cfg.embd_pdrop, L.fold(dropout_rng, -1))
         mask = L.attention_mask(q_slots, attention_mask, causal=True, window=None)
-        kvs = []
-        for i, block in enumerate(self.h):
-            x, kv = L.call_block(block, self.remat, x, mask_BTS=mask,
-                                 cache_kv=cache.layer(i) if cache is not None else None,
-                          cache_index=offset, extra=extra_kv[i] if extra_kv is not None else None,
-                          dropout_rng=L.fold(dropout_rng, i))
-            kvs.append(kv)
+        per_layer = [dict(cache_kv=cache.layer(i) if cache is not None else None,
+                          extra=extra_kv[i] if extra_kv is not None else None,
+                          dropout_rng=L.fold(dropout_rng, i)) for i in range(len(self.h))]
+        x, kvs = L.run_blocks(self.h, self.remat, self.scan_layers and (cache is None or T > 1), x,
+                              per_layer, mask_BTS=mask, cache_index=offset)
         return L.ModelOutput(hidden_states=self.ln_f(x), cache=L.next_cache(cache, kvs, T))
 
     @property

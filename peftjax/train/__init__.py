@@ -11,8 +11,8 @@ from peftjax.train._sharding import (DEFAULT_RULES, DistributedSetupError, MeshC
 from peftjax.train._plan import dry_run, format_plan
 from peftjax.train._run import (TrainingDiverged, build_model, evaluate_checkpoint,
                                 load_trained_model, run_training)
-from peftjax.train._step import (make_eval_step, make_train_step, set_remat, split_model,
-                                 summarize, trainable_paths)
+from peftjax.train._step import (make_eval_step, make_train_step, set_remat, set_scan_layers,
+                                 split_model, summarize, trainable_paths)
 
 __all__ = [
     "DEFAULT_RULES", "DistributedSetupError", "IGNORE_INDEX", "MeshConfig", "OptimizerConfig",
@@ -23,5 +23,5 @@ __all__ = [
     "shard_batch", "shard_state", "state_shardings", "to_host", "causal_lm_loss",
     "make_eval_step", "make_optimizer",
     "make_schedule", "make_train_step", "sequence_classification_loss", "set_remat",
-    "split_model", "summarize", "token_classification_loss", "trainable_paths",
+    "set_scan_layers", "split_model", "summarize", "token_classification_loss", "trainable_paths",
 ]

@@ -39,7 +39,7 @@ from peftjax.train._optim import make_optimizer, make_schedule
 from peftjax.train._sharding import (_env_int, any_process, initialize_distributed, is_primary, make_mesh,
                                      process_rows, replicate_single, shard_batch, shard_state,
                                      to_host)
-from peftjax.train._step import make_train_step, set_remat, split_model
+from peftjax.train._step import make_train_step, set_remat, set_scan_layers, split_model
 from peftjax.tuners import PeftModel, get_peft_model
 from peftjax.tuners._targets import named_modules
 
@@ -75,6 +75,8 @@ def build_model(cfg: RunConfig, *, num_labels: int | None = None, abstract: bool
             model = get_peft_model(model, tuner, rngs=nnx.Rngs(cfg.train.seed))
         if cfg.train.remat != "none":
             set_remat(model, cfg.train.remat)
+        if cfg.train.scan_layers:
+            set_scan_layers(model)
         return model
 
     if abstract:

@@ -81,6 +81,21 @@ def set_remat(model: nnx.Module, policy: str) -> None:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to rematerialise")
 
 
+def set_scan_layers(model: nnx.Module, scan: bool = True) -> None:
+    """Runs identical transformer blocks as one ``jax.lax.scan`` in training and evaluation
+    (and prefill; decode steps stay unrolled): the compiler sees one block, so compile time stops growing with
+    depth, at the cost of one stacked copy of the scanned blocks' weights among the step's
+    temporaries. Blocks differing in structure (adapters on some layers only) run unrolled.
+    Call it before :func:`split_model` (the setting is part of the graph)."""
+    found = False
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "scan_layers"):
+            module.scan_layers = bool(scan)
+            found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to scan")
+
+
 def _forward_sums(graphdef, task, trainable, frozen, batch: Batch, rng):
     return model_loss_sums(nnx.merge(graphdef, trainable, frozen), batch, task=task,
                            dropout_rng=rng)

@@ -45,7 +45,7 @@ from flax import nnx
 from peftjax.models._layers import ACTIVATIONS, add_residual, dropout, param_value
 from peftjax.tuners._base import (TASK_TYPES, AdapterParam, TunerConfig, as_tuple, in_modules,
                                   register)
-from peftjax.tuners._layer import call_with_adapter_dropout, site_key
+from peftjax.tuners._layer import call_with_adapter_dropout, site_key, site_of
 from peftjax.tuners._targets import get_submodule, named_modules
 
 ARCHITECTURES = {  # AdapterHub's SeqBnConfig / DoubleSeqBnConfig defaults
@@ -288,7 +288,6 @@ class BottleneckConfig(TunerConfig):
         bad = [i for i in self.leave_out if i not in {b[1] for b in blocks}]
         if bad:
             raise ValueError(f"leave_out={list(self.leave_out)}: the model has no layer {bad}")
-        site_id = 0
         for name, index, _, block in blocks:
             if index in self.leave_out:
                 continue
@@ -300,8 +299,8 @@ class BottleneckConfig(TunerConfig):
                     site = BottleneckSite()
                     setattr(block, attr, site)
                 site.adapters[adapter_name] = BottleneckAdapter(
-                    hidden, self, self.down_size(hidden, index), site=site_id, rngs=rngs)
-                site_id += 1
+                    hidden, self, self.down_size(hidden, index),
+                    site=site_of(f"{name}.{attr}", adapter_name), rngs=rngs)
         return {}
 
     def activate(self, peft_model, names: tuple) -> None:

@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import contextvars
 import functools
+import re
+import zlib
 from typing import ClassVar
 
 import jax
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._layers import Linear, param_value
+from peftjax.models._layers import current_block, traced_context
 from peftjax.models._layers import fold as fold_key
 from peftjax.tuners._base import in_modules
 from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
@@ -31,8 +34,8 @@ from peftjax.tuners._targets import get_submodule, named_modules, set_submodule
 
 # The dropout key of the forward pass being traced: set by the method's ``call`` around the
 # model call (trace-time Python state, so it works under jit, grad and remat alike).
-_DROPOUT_RNG: contextvars.ContextVar = contextvars.ContextVar("adapter_dropout_rng",
-                                                              default=None)
+_DROPOUT_RNG: contextvars.ContextVar = traced_context(
+    contextvars.ContextVar("adapter_dropout_rng", default=None))
 
 
 @contextlib.contextmanager
@@ -46,9 +49,24 @@ def dropout_rng(rng: jax.Array | None):
         _DROPOUT_RNG.reset(token)
 
 
+def site_of(module_path: str, adapter_name: str) -> int:
+    """An adapted module's dropout site: a digest of its path without the block index and of
+    the adapter's name, so the same module in every block has the same site (identical blocks
+    stay identical graphs, which ``train.scan_layers`` needs) and the block's index is folded
+    in when the block runs (:func:`site_key`)."""
+    relative = re.sub(r"\.\d+(?=\.|$)", "", module_path)
+    return zlib.crc32(f"{relative}/{adapter_name}".encode()) & 0x7FFFFFFF
+
+
 def site_key(site: int) -> jax.Array | None:
-    """The dropout key of one adapted layer (None when dropout is off)."""
-    return fold_key(_DROPOUT_RNG.get(), site)
+    """The dropout key of one adapted module (None when dropout is off): the forward pass's
+    key folded with the running block's index (a traced loop counter in a scanned stack) and
+    the module's site."""
+    rng = _DROPOUT_RNG.get()
+    if rng is None:
+        return None
+    block = current_block()
+    return fold_key(rng if block is None else jax.random.fold_in(rng, block), site)
 
 
 class AdaptedLayer:
@@ -162,10 +180,17 @@ class AdaptedLayer:
 
 class HostValues:
     """Values a layer keeps beside its state (e.g. what unmerging needs): a static attribute
-    compared by identity, so keeping values here never changes a compiled function's key."""
+    equal to every other, so keeping values here never changes a compiled function's key and
+    the same layer in every block has the same graph."""
 
     def __init__(self):
         self.factors: dict = {}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, HostValues)
+
+    def __hash__(self) -> int:
+        return hash(HostValues)
 
 
 def take_over(layer, base: Linear) -> None:

@@ -39,7 +39,7 @@ from flax import nnx
 from peftjax.models._layers import Linear, dropout, param_value
 from peftjax.tuners._base import PREFIX, AdapterParam, ServingTerms, TunerConfig, register
 from peftjax.tuners._layer import (AdaptedLayer, HostValues, LayerMethod, adapted_layers,
-                                   site_key, wrap)
+                                   site_key, site_of, wrap)
 from peftjax.tuners._targets import find_targets, get_submodule, pattern_key
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -392,7 +392,7 @@ class LoraConfig(LayerMethod, TunerConfig):
         LoRA class first, in place). ``target_modules`` None means PEFT's per-architecture
         default; no match raises, listing the names."""
         config = self.with_model_defaults(model, target_modules=DEFAULT_LORA_TARGETS)
-        for site, name in enumerate(find_targets(model, config)):
+        for name in find_targets(model, config):
             r, alpha = config.rank_alpha(name)
             factors = None
             if config.init_lora_weights == "loftq":
@@ -406,7 +406,7 @@ class LoraConfig(LayerMethod, TunerConfig):
             layer = wrap(model, name, target, LoraMixin)
             layer.lora[adapter_name] = LoraFactors(
                 layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
-                init=config.init_lora_weights, site=site, dora=config.use_dora, rngs=rngs,
+                init=config.init_lora_weights, site=site_of(name, adapter_name), dora=config.use_dora, rngs=rngs,
                 factors=factors, pool=pool)
             if config.lora_fa:  # LoRA-FA: A frozen at its initialisation, only B trains
                 layer.lora[adapter_name].lora_A.set_metadata("frozen", True)

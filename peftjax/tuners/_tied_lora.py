@@ -41,7 +41,7 @@ from flax import nnx
 
 from peftjax.models._layers import param_value
 from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig, register
-from peftjax.tuners._layer import LayerMethod, adapted_layers, wrap
+from peftjax.tuners._layer import LayerMethod, adapted_layers, site_of, wrap
 from peftjax.tuners._lora import DEFAULT_LORA_TARGETS
 from peftjax.tuners._targets import find_targets, get_submodule
 from peftjax.tuners._vera import ScaledSharedFactors, ScaledSharedMixin
@@ -200,7 +200,7 @@ class TiedLoraConfig(LayerMethod, TunerConfig):
             for part, var in (("A", shared[kind].lora_A), ("B", shared[kind].lora_B)):
                 if part not in train:
                     var.set_metadata("frozen", True)
-        for site, name in enumerate(names):
+        for name in names:
             layer = wrap(model, name, get_submodule(model, name), TiedLoraMixin)
             out_f = layer.out_features
             if not config.init_weights:
@@ -208,7 +208,8 @@ class TiedLoraConfig(LayerMethod, TunerConfig):
             else:
                 v = jnp.zeros((out_f,)) if "v" in train else jnp.ones((out_f,))
             vectors = TiedVectors(shared[module_type(name)], jnp.ones((config.r,)), v,
-                                  scaling=config.scaling, dropout=config.lora_dropout, site=site,
+                                  scaling=config.scaling, dropout=config.lora_dropout,
+                                  site=site_of(name, adapter_name),
                                   out_axis=layer.weight_axes[1],
                                   factors_train=bool(train & {"A", "B"}))
             for part, var in (("u", vectors.tied_lora_u), ("v", vectors.tied_lora_v)):

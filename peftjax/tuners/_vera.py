@@ -29,7 +29,8 @@ from flax import nnx
 
 from peftjax.models._layers import dropout, param_value
 from peftjax.tuners._base import PREFIX, AdapterParam, TunerConfig, register
-from peftjax.tuners._layer import AdaptedLayer, LayerMethod, adapted_layers, site_key, wrap
+from peftjax.tuners._layer import (AdaptedLayer, LayerMethod, adapted_layers, site_key,
+                                   site_of, wrap)
 from peftjax.tuners._lora import _lora_delta
 from peftjax.tuners._targets import find_targets, get_submodule
 
@@ -215,11 +216,12 @@ class VeraConfig(LayerMethod, TunerConfig):
         k_a, k_b = jax.random.split(jax.random.key(self.projection_prng_key))
         shared = SharedProjections(_kaiming_uniform(k_a, (self.r, max_in)),
                                    _kaiming_uniform(k_b, (max_out, self.r)))
-        for site, (name, layer) in enumerate(zip(names, layers)):
+        for name, layer in zip(names, layers):
             layer = wrap(model, name, layer, VeraMixin)
             layer.vera[adapter_name] = VeraVectors(
                 layer, shared, r=self.r, dropout=self.vera_dropout,
-                init_weights=self.init_weights, d_initial=self.d_initial, site=site, rngs=rngs)
+                init_weights=self.init_weights, d_initial=self.d_initial,
+                site=site_of(name, adapter_name), rngs=rngs)
         return {"vera_projections": shared}
 
     def peft_entries(self, peft_model) -> dict:

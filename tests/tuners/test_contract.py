@@ -1,8 +1,8 @@
 """The contract every registered PEFT method keeps, on a tiny random Llama: outputs at init
 (identity where the method defines it), save -> load gives identical outputs, the loss falls
 through the standard (jitted) train step, frozen weights stay bit-identical, the optimizer
-holds state only for the method's leaves, remat ``full`` equals ``none``, and 8 simulated devices
-equal one. A method joins by being registered and having an entry in ``CONTRACT``."""
+holds state only for the method's leaves, remat ``full`` (with the blocks scanned too) equals
+``none``, and 8 simulated devices equal one. A method joins by being registered and having an entry in ``CONTRACT``."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from flax import nnx
 from peftjax import (AdaptionPromptConfig, BottleneckConfig, IA3Config, LoraConfig, PeftModel,
                      PrefixTuningConfig, PromptTuningConfig, TiedLoraConfig, VeraConfig,
                      get_peft_model)
-from peftjax.models import from_pretrained
-from peftjax.train import OptimizerConfig, make_optimizer, make_train_step, set_remat, split_model
+from peftjax.models import _remat, from_pretrained
+from peftjax.train import (OptimizerConfig, make_optimizer, make_train_step, set_remat,
+                           set_scan_layers, split_model)
 from peftjax.tuners import AdapterParam, registered
 from tests.conftest import batch, on_eight_devices
 
@@ -111,25 +112,36 @@ def test_contract(tiny_dir, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", list(CONTRACT))
-def test_remat_full_equals_none(tiny_dir, method):
+def test_remat_full_and_scanned_blocks_equal_none(tiny_dir, method, monkeypatch):
+    """Remat ``full``, and full remat with the blocks scanned (``train.scan_layers``), train as
+    the plain step does."""
     config, _ = CONTRACT[method]
+    scanned = []
+    repeats = _remat._repeats
+    monkeypatch.setattr(_remat, "_repeats", lambda keys: scanned.append(repeats(keys))
+                        or scanned[-1])
     runs = []
-    for remat in ("none", "full"):
+    for remat, scan in (("none", False), ("full", False), ("full", True)):
         model = get_peft_model(from_pretrained(tiny_dir("llama"), progress=False), config,
                                rngs=nnx.Rngs(0))
+        if scan:
+            set_scan_layers(model)
         # SGD: linear in the gradient, so the comparison measures the gradients (AdamW
         # amplifies rounding noise in a near-zero gradient component to the learning rate)
         losses, trainable, _, _ = _train(model, steps=2, remat=remat,
                                          optimizer=optax.sgd(0.5, momentum=0.9))
         runs.append((losses, jax.tree.leaves(trainable)))
-    # float32 rounding of the recomputed forward, relative to the values' size
-    leaf_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                    for a, b in zip(runs[0][1], runs[1][1]))
-    print(f"{method}: remat full vs none: losses {runs[0][0]} / {runs[1][0]}, "
-          f"largest leaf difference {leaf_diff:.1e}")
-    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6, atol=1e-6)
-    for a, b in zip(runs[0][1], runs[1][1]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    # at least two blocks ran as one scan
+    assert any(count >= 2 for segments in scanned for _, _, count in segments), scanned
+    for name, run in (("remat full", runs[1]), ("scanned", runs[2])):
+        # float32 rounding of the recomputed forward, relative to the values' size
+        leaf_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                        for a, b in zip(runs[0][1], run[1]))
+        print(f"{method}: {name} vs none: losses {runs[0][0]} / {run[0]}, "
+              f"largest leaf difference {leaf_diff:.1e}")
+        np.testing.assert_allclose(run[0], runs[0][0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(runs[0][1], run[1]):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
 
 
 def _randomize(model, adapter: str, seed: int) -> None:
@@ -185,15 +197,19 @@ def test_named_adapters(tiny_dir, tmp_path, method):
 
 
 def _run_meshes(path: str, out: str) -> None:
-    """Subprocess body: 3 SGD steps of every method on 1 device and on a (2, 2, 2) mesh."""
+    """Subprocess body: 3 SGD steps of every method on 1 device and on a (2, 2, 2) mesh (LoRA
+    also with its blocks scanned over the sharded stacked weights)."""
     from peftjax.train import MeshConfig, make_mesh, shard_batch, shard_state
     assert len(jax.devices()) == 8, jax.devices()
     results = {}
     for method, (config, _) in CONTRACT.items():
-        for shape in [(1, 1, 1), (2, 2, 2)]:
+        for shape, scan in [((1, 1, 1), False), ((2, 2, 2), False)] + (
+                [((2, 2, 2), True)] if method == "lora" else []):
             mesh = make_mesh(MeshConfig(*shape), jax.devices()[:int(np.prod(shape))])
             model = get_peft_model(from_pretrained(path, progress=False), config,
                                    rngs=nnx.Rngs(0))
+            if scan:
+                set_scan_layers(model)
             graphdef, trainable, frozen = split_model(model)
             trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
             optimizer = optax.sgd(0.5, momentum=0.9)  # linear in the gradient: see test_sharding
@@ -204,7 +220,7 @@ def _run_meshes(path: str, out: str) -> None:
                 trainable, opt_state, m = step(trainable, opt_state, frozen, shard_batch(
                     {k: jnp.asarray(v) for k, v in DATA.items()}, mesh), None)
                 losses.append(float(m["loss"]))
-            results[f"{method} {shape}"] = {
+            results[f"{method} {shape}" + (" scanned" if scan else "")] = {
                 "losses": losses,
                 "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(trainable)]}
     with open(out, "w") as f:
@@ -216,8 +232,10 @@ def test_eight_devices_equal_one(tiny_dir, tmp_path):
     on_eight_devices("from tests.tuners.test_contract import _run_meshes; "
                      f"_run_meshes({tiny_dir('llama')!r}, {out!r})")
     results = json.load(open(out))
-    for method in CONTRACT:
-        one, many = results[f"{method} (1, 1, 1)"], results[f"{method} (2, 2, 2)"]
+    for method in [*CONTRACT, "lora scanned"]:
+        base = method.removesuffix(" scanned")
+        one = results[f"{base} (1, 1, 1)"]
+        many = results[f"{base} (2, 2, 2)" + method[len(base):]]
         loss_diff = max(abs(a - b) for a, b in zip(one["losses"], many["losses"]))
         leaf_diff = max(np.abs(np.asarray(a) - np.asarray(b)).max()
                         for a, b in zip(one["leaves"], many["leaves"]))

@@ -166,12 +166,21 @@ BUDGETS = {
 }
 
 
+# config keys added after cases were first kept, with their defaults: at the default they are
+# left out of the digest, so a new option does not orphan every finished case
+ADDED_LATER = {"train.scan_layers": False}
+
+
 def case_key(cfg, seed: int) -> str:
     """A case's file name: a digest of its whole resolved config, so identical cases in
     different studies (the quickstart's LoRA is in most of them) train once."""
     import hashlib
     raw = cfg.to_dict()
     raw.pop("output_dir")
+    for dotted, default in ADDED_LATER.items():  # keys the first cases were digested without
+        section, key = dotted.split(".")
+        if raw.get(section, {}).get(key, default) == default:
+            raw.get(section, {}).pop(key, None)
     digest = hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12]
     return f"{digest}_seed{seed}"
 

@@ -59,8 +59,7 @@ def run_one(size: str, plan: str, scan: bool, seq: int) -> dict:
                            f"train.scan_layers={'true' if scan else 'false'}"])
         r = dry_run(cfg)
     return {"compile_s": r["compile_seconds"], "temp": r["temp_bytes"],
-            "total": r["total_bytes"], "frozen": r["frozen_bytes"],
-            "layers": config["num_hidden_layers"], "backend": r["backend"]}
+            "total": r["total_bytes"], "layers": config["num_hidden_layers"], "backend": r["backend"]}
 
 
 def main():

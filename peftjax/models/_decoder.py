@@ -196,8 +196,9 @@ class DecoderModel(nnx.Module):
                           cache_kv=cache.layer(i) if cache is not None else None,
                           extra=extra_kv[i] if extra_kv is not None else None)
                      for i in range(len(self.layers))]
-        x, kvs = L.run_blocks(self.layers, self.remat, self.scan_layers and (cache is None or T > 1), x,
-                              per_layer, positions_BT=positions, cache_index=offset)
+        x, kvs = L.run_blocks(self.layers, self.remat,
+                              self.scan_layers and (cache is None or T > 1), x, per_layer,
+                              positions_BT=positions, cache_index=offset)
         return L.ModelOutput(hidden_states=self.norm(x), cache=L.next_cache(cache, kvs, T))
 
     @property

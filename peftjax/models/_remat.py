@@ -164,22 +164,24 @@ def run_blocks(blocks, remat: str, scan: bool, x: Array, per_layer: list[dict], 
     cache, prefill): a decode step stays unrolled, as stacking the cache would copy it per token.
     """
     blocks = list(blocks)
+    extras: list = [None] * len(blocks)
+
+    def unrolled(i, x):
+        with _in_block(i):
+            x, extras[i] = _split_output(call_block(blocks[i], remat, x, **per_layer[i],
+                                                    **shared))
+        return x
+
     if not scan or len(blocks) < 2:
-        extras = []
-        for i, (block, kw) in enumerate(zip(blocks, per_layer)):
-            with _in_block(i):
-                x, extra = _split_output(call_block(block, remat, x, **kw, **shared))
-            extras.append(extra)
+        for i in range(len(blocks)):
+            x = unrolled(i, x)
         return x, extras
     splits = [nnx.split(b) for b in blocks]
     keys = [(g, _signature(kw)) for (g, _), kw in zip(splits, per_layer)]
-    extras: list = [None] * len(blocks)
     for start, period, count in _repeats(keys):
-        if count < 2:  # unrolled
+        if count < 2:
             for i in range(start, start + period * count):
-                with _in_block(i):
-                    x, extras[i] = _split_output(call_block(blocks[i], remat, x, **per_layer[i],
-                                                            **shared))
+                x = unrolled(i, x)
             continue
         rows = [list(range(start + q, start + period * count, period)) for q in range(period)]
         graphdefs = [splits[r[0]][0] for r in rows]
@@ -243,7 +245,8 @@ def _repeats(keys: list, max_period: int = 8) -> list[tuple[int, int, int]]:
 
 
 def _rematerialised(fn, policy, tree, n_state: int):
-    """``fn(state, x, traced)`` over flat leaves (the first ``n_state`` are the block's state),
+    """``fn(state, x, traced, arrays)`` over flat leaves (the first ``n_state`` are the block's
+    state),
     rematerialised with ``policy`` and the ties of the module doc."""
     checkpointed = jax.checkpoint(lambda *leaves: fn(*jax.tree.unflatten(tree, leaves)),
                                   policy=policy)

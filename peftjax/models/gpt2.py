@@ -185,8 +185,9 @@ class GPT2Model(nnx.Module):
         per_layer = [dict(cache_kv=cache.layer(i) if cache is not None else None,
                           extra=extra_kv[i] if extra_kv is not None else None,
                           dropout_rng=L.fold(dropout_rng, i)) for i in range(len(self.h))]
-        x, kvs = L.run_blocks(self.h, self.remat, self.scan_layers and (cache is None or T > 1), x,
-                              per_layer, mask_BTS=mask, cache_index=offset)
+        x, kvs = L.run_blocks(self.h, self.remat,
+                              self.scan_layers and (cache is None or T > 1), x, per_layer,
+                              mask_BTS=mask, cache_index=offset)
         return L.ModelOutput(hidden_states=self.ln_f(x), cache=L.next_cache(cache, kvs, T))
 
     @property

@@ -72,28 +72,27 @@ def set_remat(model: nnx.Module, policy: str) -> None:
     ``save:NAME[,NAME...]`` with names from ``qkv``, ``attn_out``, ``mlp_hidden``.
     Call it before :func:`split_model` (the policy is part of the graph)."""
     L.remat_policy(policy)  # validates
-    found = False
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, nnx.Module) and hasattr(module, "remat"):
-            module.remat = policy
-            found = True
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no transformer blocks to rematerialise")
+    _set_on_stacks(model, "remat", policy, "rematerialise")
 
 
 def set_scan_layers(model: nnx.Module, scan: bool = True) -> None:
     """Runs identical transformer blocks as one ``jax.lax.scan`` in training and evaluation
-    (and prefill; decode steps stay unrolled): the compiler sees one block, so compile time stops growing with
-    depth, at the cost of one stacked copy of the scanned blocks' weights among the step's
-    temporaries. Blocks differing in structure (adapters on some layers only) run unrolled.
-    Call it before :func:`split_model` (the setting is part of the graph)."""
+    (and prefill; decode steps stay unrolled): the compiler sees one block, so compile time
+    stops growing with depth, at the cost of one stacked copy of the scanned blocks' weights
+    among the step's temporaries. Blocks differing in structure (adapters on some layers only)
+    run unrolled. Call it before :func:`split_model` (the setting is part of the graph)."""
+    _set_on_stacks(model, "scan_layers", bool(scan), "scan")
+
+
+def _set_on_stacks(model: nnx.Module, attr: str, value, what: str) -> None:
+    """Sets the block-loop setting ``attr`` on every block stack of ``model``."""
     found = False
     for _, module in nnx.iter_graph(model):
-        if isinstance(module, nnx.Module) and hasattr(module, "scan_layers"):
-            module.scan_layers = bool(scan)
+        if isinstance(module, nnx.Module) and hasattr(module, attr):
+            setattr(module, attr, value)
             found = True
     if not found:
-        raise ValueError(f"{type(model).__name__} has no transformer blocks to scan")
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to {what}")
 
 
 def _forward_sums(graphdef, task, trainable, frozen, batch: Batch, rng):

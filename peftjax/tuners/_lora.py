@@ -406,8 +406,8 @@ class LoraConfig(LayerMethod, TunerConfig):
             layer = wrap(model, name, target, LoraMixin)
             layer.lora[adapter_name] = LoraFactors(
                 layer, r=r, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
-                init=config.init_lora_weights, site=site_of(name, adapter_name), dora=config.use_dora, rngs=rngs,
-                factors=factors, pool=pool)
+                init=config.init_lora_weights, site=site_of(name, adapter_name),
+                dora=config.use_dora, rngs=rngs, factors=factors, pool=pool)
             if config.lora_fa:  # LoRA-FA: A frozen at its initialisation, only B trains
                 layer.lora[adapter_name].lora_A.set_metadata("frozen", True)
         return {}

@@ -200,7 +200,8 @@ def test_prompt_bank_gives_each_row_its_tasks_prompt_without_recompiling(tiny_di
         for i, t in enumerate(mix):
             alone = _our_logits(singles[t], ids[i:i + 1], mask[i:i + 1])[0]
             real = mask[i] == 1
-            np.testing.assert_allclose(got[i][real], alone[real], atol=1e-5, rtol=0)
+            # another batch shape sums in another order: rounding relative to the logits
+            np.testing.assert_allclose(got[i][real], alone[real], atol=1e-5, rtol=1e-5)
     assert len(traces) == 1  # one compile for both mixes
     rows = [[5, 17, 33, 8, 90, 12, 7], [44, 3, 21]]
     mixed = peftjax.generate(bank, rows, max_new_tokens=6, eos_token_id=-1, bucket=None,

@@ -31,6 +31,25 @@ def test_train_step_benchmark_runs(tmp_path):
     assert full.split("/")[0].strip() == full.split("/")[1].strip()  # every weight trains
 
 
+def test_train_step_flops_are_six_n_for_full_and_four_n_for_lora(monkeypatch):
+    """MFU's FLOP count: TinyLlama-1.1B's 1.03B matrix parameters (its 1.10B less the 65.5M of
+    input embeddings and 92k of norm weights) give 6 N FLOPs per token for full fine-tuning,
+    4 N for LoRA, plus attention."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import train_step
+
+    s = train_step.SIZES["1b"]
+    tokens = s["batch"] * s["seq"]
+    n = 1_100_048_384 - s["vocab"] * s["hidden"] - (2 * s["layers"] + 1) * s["hidden"]
+    attention = 12 * s["layers"] * s["seq"] * s["hidden"]  # 3 x the forward's 4 L T d
+    assert train_step.step_flops("peftjax_full", s) / tokens == 6 * n + attention
+    assert train_step.step_flops("peftjax_lora", s) / tokens == 4 * n + 2 * attention // 3
+    assert train_step.mfu("peftjax_lora", s, dict(device="cpu: cpu", step_s=1.0)) == "-"
+    r = dict(device="NVIDIA H100 80GB HBM3",
+             step_s=train_step.step_flops("peftjax_lora", s) / 989e12)
+    assert train_step.mfu("peftjax_lora", s, r) == "100.0%"
+
+
 def test_xla_cpu_flags_benchmark_runs(tmp_path):
     """Each setting in a process of its own; a flag the jaxlib does not know is a row that says
     so, and the other settings still run."""

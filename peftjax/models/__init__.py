@@ -5,11 +5,13 @@ RoBERTa (encoders). Tasks: ``causal_lm``, ``sequence_classification``,
 ``token_classification``, ``features``.
 """
 
+from peftjax.models._attention import (ExtraKV, attention_implementation,
+                                       set_attention_implementation)
 from peftjax.models._config import UnsupportedConfigError
 from peftjax.models._decoder import (DecoderConfig, DecoderForCausalLM,
                                      DecoderForSequenceClassification,
                                      DecoderForTokenClassification, DecoderModel)
-from peftjax.models._layers import (Conv1D, Embed, ExtraKV, KVCache, LayerNorm, Linear,
+from peftjax.models._layers import (Conv1D, Embed, KVCache, LayerNorm, Linear,
                                     ModelOutput, OutputHead, RMSNorm, pool)
 from peftjax.models._loading import (FAMILIES, TASK_NAMES, abstract_model, architecture_name,
                                      from_pretrained,
@@ -30,6 +32,7 @@ __all__ = [
     "GPT2LMHeadModel", "GPT2Model", "KVCache", "LayerNorm", "Linear", "ModelOutput", "OutputHead",
     "RMSNorm",
     "SUPPORTED_MODEL_TYPES", "TASK_NAMES", "UnsupportedConfigError", "abstract_model",
-    "architecture_name",
-    "from_pretrained", "hf_param_paths", "pool", "save_pretrained", "task_of",
+    "architecture_name", "attention_implementation",
+    "from_pretrained", "hf_param_paths", "pool", "save_pretrained", "set_attention_implementation",
+    "task_of",
 ]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from peftjax.models import _attention as A
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
 from peftjax.models._heads import CausalLM, SequenceClassifier, TokenClassifier
@@ -89,7 +90,7 @@ class DecoderAttention(nnx.Module):
             self.k_norm = L.RMSNorm(D, **norm)
 
     def __call__(self, x_BTE, *, positions_BT, mask_BTS, cache_kv=None, cache_index=None,
-                 extra: L.ExtraKV | None = None):
+                 extra: A.ExtraKV | None = None):
         cfg = self.cfg
         B, T, _ = x_BTE.shape
         q = self.q_proj(x_BTE).reshape(B, T, cfg.num_heads, cfg.head_dim)
@@ -104,8 +105,9 @@ class DecoderAttention(nnx.Module):
             k, v = new_cache = L.update_cache(*cache_kv, k, v, cache_index)
         if extra is not None:
             extra = extra.projected(self.project_kv)
-        out = L.dot_product_attention(q, k, v, mask_BTS, scale=cfg.attn_scale,
-                                      softcap=cfg.attn_softcap, extra=extra)
+        out = A.dot_product_attention(q, k, v, mask_BTS, scale=cfg.attn_scale,
+                                      softcap=cfg.attn_softcap, extra=extra,
+                                      causal=cache_kv is None)
         return self.o_proj(out.reshape(B, T, -1)), new_cache
 
     def project_kv(self, x_BPE):
@@ -190,7 +192,7 @@ class DecoderModel(nnx.Module):
         attention_mask, offset, q_slots = L.causal_slots(B, T, attention_mask, cache)
         if positions is None:
             positions = L.default_positions(attention_mask, T, offset)
-        masks = {w: L.attention_mask(q_slots, attention_mask, causal=True, window=w)
+        masks = {w: A.attention_mask(q_slots, attention_mask, causal=True, window=w)
                  for w in set(cfg.layer_windows)}
         per_layer = [dict(mask_BTS=masks[cfg.layer_windows[i]],
                           cache_kv=cache.layer(i) if cache is not None else None,

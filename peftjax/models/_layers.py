@@ -11,15 +11,12 @@ for the flattened query heads x head_dim, ``kv_heads`` likewise for keys/values,
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Any
 
 import flax.struct
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -253,183 +250,6 @@ def apply_rope(x_BTHD: Array, positions_BT: Array, rope: Rope) -> Array:
     half = x_BTHD.shape[-1] // 2
     rotated = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
     return x_BTHD * cos + rotated * sin
-
-
-# -------------------------------------------------------------------------------- attention
-
-
-@flax.struct.dataclass
-class ExtraKV:
-    """Extra keys/values for one layer: the single extension point for prompt-style tuners.
-
-    Either ``k``/``v`` [B or 1, P, kv_heads, head_dim], used as given (no rotary embedding), or
-    ``prompt`` [B or 1, P, hidden]: hidden states the layer projects into keys/values with its
-    own frozen projections (and key norm), also without rotary embedding. They are visible to
-    every query.
-    - ``gate is None``: they join the layer's keys in one softmax (prefix tuning, encoders).
-    - ``gate`` of shape [heads] or [1]: they get their own softmax, whose output is multiplied
-      by ``gate`` and added to the attention output (LLaMA-Adapter's zero-initialised gated
-      attention).
-    """
-
-    k: Array | None = None
-    v: Array | None = None
-    gate: Array | None = None
-    prompt: Array | None = None
-
-    def projected(self, project_kv) -> ExtraKV:
-        """``self`` with ``k``/``v`` set: ``project_kv(prompt)`` gives them for a prompt."""
-        if self.prompt is None:
-            return self
-        k, v = project_kv(self.prompt)
-        return ExtraKV(k=k, v=v, gate=self.gate)
-
-
-def attention_mask(q_slots_BT: Array, kv_valid_BS: Array, *, causal: bool,
-                   window: int | None) -> Array:
-    """Boolean [B, T, S] mask from slot indices (positions in the padded/cached timeline)."""
-    kv_slots_S = jnp.arange(kv_valid_BS.shape[1])
-    mask = jnp.broadcast_to(kv_valid_BS[:, None, :].astype(bool),
-                            (kv_valid_BS.shape[0], q_slots_BT.shape[1], kv_valid_BS.shape[1]))
-    if causal:
-        mask = mask & (kv_slots_S[None, None, :] <= q_slots_BT[:, :, None])
-    if window is not None:
-        mask = mask & (kv_slots_S[None, None, :] > q_slots_BT[:, :, None] - window)
-    return mask
-
-
-def _scores(q_BTKGD: Array, k_BSKD: Array, scale: float, softcap: float | None) -> Array:
-    s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(q_BTKGD.dtype),
-                   preferred_element_type=jnp.float32) * scale
-    return jnp.tanh(s / softcap) * softcap if softcap is not None else s
-
-
-# LongLoRA's shifted sparse attention: the group size as a fraction of the sequence, set while
-# a train step is traced (peftjax.procedures' longlora); None: full attention
-_S2_GROUP_RATIO: contextvars.ContextVar = contextvars.ContextVar("s2_group_ratio", default=None)
-
-
-@contextlib.contextmanager
-def shifted_sparse_attention(group_size_ratio: float | None):
-    """Within this context (at trace time), self-attention over a whole sequence of length T
-    is LongLoRA's S2-Attn with groups of ``T * group_size_ratio`` tokens (see
-    :func:`s2_attention`); attention over a cache (generation) stays full."""
-    token = _S2_GROUP_RATIO.set(group_size_ratio)
-    try:
-        yield
-    finally:
-        _S2_GROUP_RATIO.reset(token)
-
-
-def s2_group_size(T: int, ratio: float) -> int:
-    """The S2-Attn group size for sequence length ``T`` (even, dividing ``T``)."""
-    g = int(round(T * ratio))
-    if g < 2 or g % 2 or T % g:
-        raise ValueError(f"shifted sparse attention: group_size_ratio={ratio} gives groups of "
-                         f"{T * ratio:g} tokens at sequence length {T}; a group must be an even "
-                         f"number of tokens that divides the length (choose lengths/buckets that "
-                         "are multiples of 2 / group_size_ratio)")
-    return g
-
-
-def s2_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *, group: int,
-                 scale: float, softcap: float | None = None, dropout_rate: float = 0.0,
-                 dropout_rng: Array | None = None) -> Array:
-    """LongLoRA's shifted sparse attention (S2-Attn) over a sequence (keys = queries, T = S):
-    the sequence is cut into groups of ``group`` tokens and each query attends only within its
-    group; the second half of the heads (keys/values repeated per query head, as LongLoRA does
-    for grouped-query models) works on the sequence shifted by half a group, so their groups
-    straddle the first half's boundaries. ``mask_BTS`` (causal, padding, windows) still
-    applies, taken at the original positions: the group that wraps around the end (the paper's
-    roll) lets a token see only what the mask allows, so nothing leaks from the future.
-    Scores, softmax and their gradients cost O(T * group) instead of O(T^2); the boolean
-    ``mask_BTS`` the model builds stays [B, T, T], as for full attention. Returns [B, T, H, D]."""
-    B, T, H, D = q_BTHD.shape
-    K = k_BSKD.shape[2]
-    if k_BSKD.shape[1] != T or T % group:
-        raise ValueError(f"S2-Attn needs keys for the whole sequence and groups dividing it "
-                         f"(T={T}, S={k_BSKD.shape[1]}, group={group})")
-    k_BTHD = jnp.repeat(k_BSKD, H // K, axis=2)
-    v_BTHD = jnp.repeat(v_BSKD, H // K, axis=2)
-    N, half, shift = T // group, H // 2, group // 2
-    neg = jnp.finfo(jnp.float32).min
-
-    def grouped(q, k, v, mask, rng):
-        h = q.shape[2]
-        q, k, v = (a.reshape(B, N, group, h, D) for a in (q, k, v))
-        m = jnp.diagonal(mask.reshape(B, N, group, N, group), axis1=1, axis2=3)  # [B, g, g, N]
-        m = jnp.moveaxis(m, -1, 1)  # [B, N, g, g]
-        s = jnp.einsum("bnthd,bnshd->bnhts", q, k.astype(q.dtype),
-                       preferred_element_type=jnp.float32) * scale
-        if softcap is not None:
-            s = jnp.tanh(s / softcap) * softcap
-        p = jax.nn.softmax(jnp.where(m[:, :, None], s, neg), axis=-1)
-        p = dropout(p, dropout_rate, rng).astype(q.dtype)
-        return jnp.einsum("bnhts,bnshd->bnthd", p, v.astype(q.dtype)).reshape(B, T, h, D)
-
-    def roll(a, n):
-        return jnp.roll(a, n, axis=1)
-
-    plain = grouped(q_BTHD[:, :, :half], k_BTHD[:, :, :half], v_BTHD[:, :, :half], mask_BTS,
-                    fold(dropout_rng, 0))
-    mask_rolled = jnp.roll(roll(mask_BTS, -shift), -shift, axis=2)
-    shifted = grouped(roll(q_BTHD[:, :, half:], -shift), roll(k_BTHD[:, :, half:], -shift),
-                      roll(v_BTHD[:, :, half:], -shift), mask_rolled, fold(dropout_rng, 1))
-    return jnp.concatenate([plain, roll(shifted, shift)], axis=2)
-
-
-def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *,
-                          scale: float, softcap: float | None = None,
-                          extra: ExtraKV | None = None, dropout_rate: float = 0.0,
-                          dropout_rng: Array | None = None) -> Array:
-    """Grouped-query attention with softmax in float32; returns [B, T, H, D].
-
-    Masked scores are set to the most negative float32 (not -inf), so a query that sees no key
-    (a padding row) gets a uniform distribution instead of NaN. ``extra`` (projected) adds
-    keys/values as :class:`ExtraKV` describes. Inside :func:`shifted_sparse_attention`,
-    self-attention over a whole sequence is :func:`s2_attention`.
-    """
-    B, T, H, D = q_BTHD.shape
-    ratio = _S2_GROUP_RATIO.get()
-    if ratio is not None and T == k_BSKD.shape[1]:
-        if extra is not None:
-            raise ValueError("shifted sparse attention (LongLoRA) does not combine with "
-                             "prefix / adaption-prompt keys; use it with LoRA")
-        out = s2_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, group=s2_group_size(T, ratio),
-                           scale=scale, softcap=softcap, dropout_rate=dropout_rate,
-                           dropout_rng=dropout_rng)
-        return checkpoint_name(out, "attn_out")
-    K = k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-    neg = jnp.finfo(jnp.float32).min
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], _scores(q_BTKGD, k_BSKD, scale, softcap), neg)
-    v_all = v_BSKD
-    if extra is not None and extra.gate is None:
-        ek = jnp.broadcast_to(extra.k, (B,) + extra.k.shape[1:])
-        ev = jnp.broadcast_to(extra.v, (B,) + extra.v.shape[1:])
-        s_BKGTS = jnp.concatenate([_scores(q_BTKGD, ek, scale, softcap), s_BKGTS], axis=-1)
-        v_all = jnp.concatenate([ev.astype(v_BSKD.dtype), v_BSKD], axis=1)
-    p = jax.nn.softmax(s_BKGTS, axis=-1)
-    p = dropout(p, dropout_rate, dropout_rng).astype(q_BTHD.dtype)
-    out_BTHD = jnp.einsum("bkgts,bskd->btkgd", p, v_all.astype(q_BTHD.dtype)).reshape(B, T, H, D)
-    if extra is not None and extra.gate is not None:
-        out_BTHD = out_BTHD + gated_attention(q_BTHD, extra, scale=scale, softcap=softcap)
-    return checkpoint_name(out_BTHD, "attn_out")
-
-
-def gated_attention(q_BTHD: Array, extra: ExtraKV, *, scale: float,
-                    softcap: float | None = None) -> Array:
-    """LLaMA-Adapter's term: ``gate * softmax(q k_extra^T) v_extra`` per head, [B, T, H, D]
-    (its own softmax over the extra keys only, in float32)."""
-    B, T, H, D = q_BTHD.shape
-    K = extra.k.shape[2]
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-    ek = jnp.broadcast_to(extra.k, (B,) + extra.k.shape[1:])
-    ev = jnp.broadcast_to(extra.v, (B,) + extra.v.shape[1:])
-    pe = jax.nn.softmax(_scores(q_BTKGD, ek, scale, softcap), axis=-1).astype(q_BTHD.dtype)
-    gate_KG = jnp.broadcast_to(jnp.asarray(extra.gate).reshape(-1), (H,)).reshape(K, H // K)
-    out = jnp.einsum("bkgts,bskd->btkgd", pe, ev.astype(q_BTHD.dtype))
-    return (gate_KG[:, :, None].astype(q_BTHD.dtype) * out).reshape(B, T, H, D)
 
 
 @flax.struct.dataclass

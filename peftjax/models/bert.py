@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from peftjax.models import _attention as A
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
 from peftjax.models._heads import TaskModel, TokenClassifier
@@ -131,7 +132,7 @@ class BertLayer(nnx.Module):
         if extra is not None:
             extra = extra.projected(lambda p: tuple(
                 m(p).reshape(p.shape[0], p.shape[1], H, D) for m in (sa.key, sa.value)))
-        a = L.dot_product_attention(q, k, v, mask_BTS, scale=D ** -0.5, extra=extra,
+        a = A.dot_product_attention(q, k, v, mask_BTS, scale=D ** -0.5, extra=extra,
                                     dropout_rate=cfg.attention_dropout,
                                     dropout_rng=L.fold(dropout_rng, 0)).reshape(B, T, E)
         ao = self.attention.output
@@ -199,7 +200,7 @@ class BertModel(nnx.Module):
         x = L.dropout(emb.LayerNorm(x), cfg.hidden_dropout, L.fold(dropout_rng, -1))
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
-        mask = L.attention_mask(jnp.zeros((1, T), jnp.int32), attention_mask, causal=False,
+        mask = A.attention_mask(jnp.zeros((1, T), jnp.int32), attention_mask, causal=False,
                                 window=None)
         per_layer = [dict(extra=extra_kv[i] if extra_kv is not None else None,
                           dropout_rng=L.fold(dropout_rng, i))

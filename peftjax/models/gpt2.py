@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from peftjax.models import _attention as A
 from peftjax.models import _layers as L
 from peftjax.models._config import HFConfig
 from peftjax.models._heads import CausalLM, SequenceClassifier, TokenClassifier
@@ -109,12 +110,13 @@ class GPT2Attention(nnx.Module):
         gated = extra is not None and extra.gate is not None
         if extra is not None:
             extra = extra.projected(self.project_kv)
-        out = L.dot_product_attention(q, k, v, mask_BTS, scale=scale,
+        out = A.dot_product_attention(q, k, v, mask_BTS, scale=scale,
                                       extra=None if gated else extra,
-                                      dropout_rate=cfg.attn_pdrop, dropout_rng=L.fold(dropout_rng, 0))
+                                      dropout_rate=cfg.attn_pdrop, dropout_rng=L.fold(dropout_rng, 0),
+                                      causal=cache_kv is None)
         out = L.dropout(self.c_proj(out.reshape(B, T, E)), cfg.resid_pdrop, L.fold(dropout_rng, 1))
         if gated:  # LLaMA-Adapter on GPT-2, as PEFT: the gated term joins after c_proj, unprojected
-            out = out + L.gated_attention(q, extra, scale=scale).reshape(B, T, E)
+            out = out + A.gated_attention(q, extra, scale=scale).reshape(B, T, E)
         return out, new_cache
 
     def project_kv(self, x_BPE):
@@ -181,7 +183,7 @@ class GPT2Model(nnx.Module):
         if positions is None:
             positions = L.default_positions(attention_mask, T, offset)
         x = L.dropout(x + self.wpe(positions), cfg.embd_pdrop, L.fold(dropout_rng, -1))
-        mask = L.attention_mask(q_slots, attention_mask, causal=True, window=None)
+        mask = A.attention_mask(q_slots, attention_mask, causal=True, window=None)
         per_layer = [dict(cache_kv=cache.layer(i) if cache is not None else None,
                           extra=extra_kv[i] if extra_kv is not None else None,
                           dropout_rng=L.fold(dropout_rng, i)) for i in range(len(self.h))]

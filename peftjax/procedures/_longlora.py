@@ -1,7 +1,7 @@
 """LongLoRA (Chen et al. 2024): extending a model's context with LoRA and shifted sparse
 attention.
 
-While training, self-attention is S2-Attn (:func:`peftjax.models._layers.s2_attention`):
+While training, self-attention is S2-Attn (:func:`peftjax.models._attention.s2_attention`):
 the sequence is cut into groups of ``group_size_ratio`` of its length, each token attends
 within its group, and half of the heads work on the sequence shifted by half a group so
 information flows between neighbouring groups; attention scores cost O(T * group) instead of
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from peftjax.models._layers import s2_group_size, shifted_sparse_attention
+from peftjax.models._attention import s2_group_size, shifted_sparse_attention
 from peftjax.procedures._base import ProcedureConfig, register_procedure
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models._layers import ExtraKV
+from peftjax.models._attention import ExtraKV
 from peftjax.tuners._base import PREFIX, TASK_TYPES, AdapterParam, TunerConfig, register
 from peftjax.tuners._targets import named_modules
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models._layers import ExtraKV
+from peftjax.models._attention import ExtraKV
 from peftjax.tuners._base import AdapterParam, register
 from peftjax.tuners._prompt import PromptLearning, call_with_front_cache, split_inputs
 

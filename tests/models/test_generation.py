@@ -12,7 +12,7 @@ import transformers as T
 
 import peftjax
 from peftjax.models import ExtraKV, from_pretrained
-from peftjax.models._layers import dot_product_attention
+from peftjax.models._attention import dot_product_attention
 from tests.conftest import batch
 
 

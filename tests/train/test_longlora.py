@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from peftjax.models import _layers as L
+from peftjax.models import _attention as L
 
 
 def _reference(q, k, v, mask, group, scale, shift=True):

@@ -1,0 +1,247 @@
+"""The attention module: the XLA path against a float64 numpy reference, and the choice of
+implementation (cuDNN on GPUs) checked on CPU: what is chosen for which call, and that the
+arguments handed to ``jax.nn.dot_product_attention`` mean our mask (run through jax's own XLA
+implementation of that function)."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import peftjax
+from peftjax.models import _attention as A
+
+
+def reference(q, k, v, mask, *, scale, softcap=None, prefix=None, gated=None):
+    """Per-head float64 attention: [B, T, H, D] from numpy arrays."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, H, D = q.shape
+    head_kv = np.arange(H) // (H // k.shape[2])
+    k, v = k[:, :, head_kv], v[:, :, head_kv]
+    mask = np.asarray(mask)
+
+    @np.errstate(invalid="ignore")  # a row that sees no key is NaN here (not compared)
+    def attend(keys, values, m):
+        s = np.einsum("bthd,bshd->bhts", q, keys) * scale
+        if softcap is not None:
+            s = np.tanh(s / softcap) * softcap
+        s = np.where(m[:, None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = np.where(m[:, None], p, 0.0)
+        return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), values)
+
+    if prefix is not None:
+        pk, pv = (np.broadcast_to(np.asarray(a, np.float64)[:, :, head_kv],
+                                  (B, a.shape[1], H, D)) for a in prefix)
+        k, v = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
+        mask = np.concatenate([np.ones(mask.shape[:2] + (pk.shape[1],), bool), mask], -1)
+    out = attend(k, v, mask)
+    if gated is not None:
+        gk, gv, gate = (np.asarray(a, np.float64) for a in gated)
+        gk, gv = (np.broadcast_to(a[:, :, head_kv], (B,) + a.shape[1:2] + (H, D)) for a in (gk, gv))
+        out = out + attend(gk, gv, np.ones((B, T, gk.shape[1]), bool)) * gate[None, None, :, None]
+    return out
+
+
+def random_case(seed, B=2, T=6, S=6, H=6, K=2, D=8, P=3):
+    rs = np.random.RandomState(seed)
+    q, k, v = (jnp.asarray(rs.randn(*shape), jnp.float32)
+               for shape in ((B, T, H, D), (B, S, K, D), (B, S, K, D)))
+    mask = rs.rand(B, T, S) > 0.3
+    mask[:, :, 0] = True  # every query sees a key (the reference has no uniform fallback)
+    extra_k, extra_v = (jnp.asarray(rs.randn(1, P, K, D), jnp.float32) for _ in range(2))
+    return q, k, v, jnp.asarray(mask), extra_k, extra_v, jnp.asarray(rs.randn(H), jnp.float32)
+
+
+@pytest.mark.parametrize("kind", ["plain", "mha", "mqa", "softcap", "prefix", "gated"])
+def test_xla_path_matches_float64_reference(kind):
+    shape = dict(mha=dict(K=6), mqa=dict(K=1)).get(kind, {})
+    q, k, v, mask, ek, ev, gate = random_case(1, **shape)
+    kw, ref_kw = dict(scale=0.4), dict(scale=0.4)
+    if kind == "softcap":
+        kw["softcap"] = ref_kw["softcap"] = 1.5
+    if kind == "prefix":
+        kw["extra"], ref_kw["prefix"] = A.ExtraKV(k=ek, v=ev), (ek, ev)
+    if kind == "gated":
+        kw["extra"], ref_kw["gated"] = A.ExtraKV(k=ek, v=ev, gate=gate), (ek, ev, gate)
+    got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, mask, **kw))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), reference(q, k, v, mask, **ref_kw),
+                               atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T, blocks", [(96, 1), (128, 2), (256, 4), (320, 5), (1024, 8)])
+def test_causal_blocks_give_full_attention(T, blocks):
+    """Causal self-attention cut into query blocks (each seeing the keys up to its end) equals
+    attention over all keys for every query that sees a key, values and gradients; the one row
+    that sees none (left padding) stays finite."""
+    assert A.causal_blocks(T, causal=True) == blocks and A.causal_blocks(T, causal=False) == 1
+    if T == 1024:
+        return
+    rs = np.random.RandomState(T)
+    B, H, K, D = 2, 4, 2, 8
+    q, k, v = (jnp.asarray(rs.randn(B, T, h, D), jnp.float32) for h in (H, K, K))
+    valid = np.ones((B, T), bool)
+    valid[0, :10] = False  # left padding
+    valid[1, T - 20:] = False  # right padding
+    mask_np = np.tril(np.ones((T, T), bool))[None] & valid[:, None, :]
+    mask = jnp.asarray(mask_np)
+    sees = jnp.asarray(mask_np.any(-1))[:, :, None, None]
+
+    def loss(q, k, v, causal):
+        out = A.dot_product_attention(q, k, v, mask, scale=0.3, causal=causal)
+        return jnp.sum(jnp.where(sees, jnp.sin(out), 0.0)), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (gq, gk, gv), out = grad(q, k, v, True)
+    (wq, wk, wv), _ = grad(q, k, v, False)
+    assert np.isfinite(np.asarray(out)).all()
+    rows = np.asarray(sees)[..., 0, 0]
+    want = reference(q, k, v, mask_np, scale=0.3)
+    np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-6, rtol=1e-5)
+    for g, w in ((gq, wq), (gk, wk), (gv, wv)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_row_is_uniform_not_nan():
+    q, k, v, mask, *_ = random_case(2)
+    mask = mask.at[0, 2].set(False)  # query 2 of row 0 sees no key
+    out = A.dot_product_attention(q, k, v, mask, scale=0.4)
+    np.testing.assert_allclose(np.asarray(out[0, 2]),
+                               np.repeat(np.asarray(v[0]).mean(0), 3, axis=0), atol=1e-6)
+
+
+def test_setting_validated_and_restored(monkeypatch):
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'.*auto, xla"):
+        peftjax.set_attention_implementation("flash")
+    previous = peftjax.set_attention_implementation("xla")
+    assert A.attention_implementation() == "xla"
+    assert peftjax.set_attention_implementation(previous) == "xla"
+    monkeypatch.setattr(A, "_implementation", [])
+    monkeypatch.setenv("PEFTJAX_ATTENTION", "cuda")
+    with pytest.raises(ValueError, match="PEFTJAX_ATTENTION: unknown attention implementation"):
+        A.attention_implementation()
+    monkeypatch.setenv("PEFTJAX_ATTENTION", "xla")
+    assert A.attention_implementation() == "xla"
+
+
+def test_cudnn_asked_for_on_cpu_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(A, "_implementation", ["cudnn"])
+    q, k, v, mask, *_ = random_case(3)
+    with pytest.raises(ValueError, match="'cudnn' cannot run this call: the backend is cpu"):
+        A.dot_product_attention(q, k, v, mask, scale=0.4)
+    monkeypatch.setattr(A, "_implementation", ["auto"])  # auto on CPU: the XLA path, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A.dot_product_attention(q, k, v, mask, scale=0.4)
+
+
+@pytest.fixture
+def on_fake_gpu(monkeypatch):
+    """jax.default_backend() says gpu; jax.nn.dot_product_attention's cuDNN implementation is
+    replaced by jax's XLA implementation of the same call (recording the arguments), so the
+    arguments we pass must mean our mask for the outputs to agree."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def fake(*args, implementation=None, **kwargs):
+        assert implementation == "cudnn"
+        calls.append(kwargs)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(A.jax.nn, "dot_product_attention", fake)
+    monkeypatch.setattr(A, "_implementation", ["auto"])
+    return calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_call_means_our_mask(on_fake_gpu, causal):
+    q, k, v, mask, ek, ev, gate = random_case(4, T=8, S=8)
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((8, 8), bool))
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    extra = A.ExtraKV(k=ek.astype(jnp.bfloat16), v=ev.astype(jnp.bfloat16), gate=gate)
+    for kw in (dict(), dict(extra=extra)):  # LLaMA-Adapter's gated term joins afterwards
+        got = A.dot_product_attention(q, k, v, mask, scale=0.4, causal=causal, **kw)
+        assert on_fake_gpu and on_fake_gpu[-1]["is_causal"] is causal
+        assert on_fake_gpu[-1]["mask"].shape == (2, 1, 8, 8)
+        A.set_attention_implementation("xla")
+        want = A.dot_product_attention(q, k, v, mask, scale=0.4, **kw)
+        A.set_attention_implementation("auto")
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=2e-2)  # bfloat16 outputs of two summation orders
+
+
+def test_cudnn_not_used_where_it_does_not_apply(on_fake_gpu):
+    q, k, v, mask, ek, ev, _ = random_case(5)
+    bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+    A.dot_product_attention(q, k, v, mask, scale=0.4)  # float32 compute
+    A.dot_product_attention(bf(q), bf(k), bf(v), mask, scale=0.4, softcap=2.0)
+    A.dot_product_attention(bf(q), bf(k), bf(v), mask, scale=0.4,
+                            extra=A.ExtraKV(k=bf(ek), v=bf(ev)))  # prefix keys in the softmax
+    A.dot_product_attention(bf(q), bf(k), bf(v), mask, scale=0.4, dropout_rate=0.1,
+                            dropout_rng=jax.random.key(0))
+    with A.shifted_sparse_attention(1 / 3):  # LongLoRA's training context
+        A.dot_product_attention(bf(q), bf(k), bf(v), mask, scale=0.4)
+    assert on_fake_gpu == []
+    A.set_attention_implementation("cudnn")
+    try:
+        with pytest.raises(ValueError, match="it has no attention soft-capping"):
+            A.dot_product_attention(bf(q), bf(k), bf(v), mask, scale=0.4, softcap=2.0)
+    finally:
+        A.set_attention_implementation("auto")
+
+
+def test_cudnn_refusal_falls_back_with_one_warning(monkeypatch, on_fake_gpu):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("The head dim must be <= 128 and a multiple of 8, but got 12.")
+
+    monkeypatch.setattr(A.jax.nn, "dot_product_attention", refuse)
+    monkeypatch.setattr(A, "_warned", set())
+    q, k, v, mask, *_ = random_case(6, D=12)
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    with pytest.warns(UserWarning, match="falls back to the XLA path: cuDNN refused it: The head"):
+        got = A.dot_product_attention(q, k, v, mask, scale=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        A.dot_product_attention(q, k, v, mask, scale=0.4)
+    A.set_attention_implementation("xla")
+    want = A.dot_product_attention(q, k, v, mask, scale=0.4)
+    A.set_attention_implementation("auto")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an "
+                    "NVIDIA GPU; on CPU the arguments are checked by test_cudnn_call_means_our_mask")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_matches_xla_on_gpu(causal):
+    """On a GPU: cuDNN's outputs and gradients against the xla path's, bfloat16, GQA, padding."""
+    rs = np.random.RandomState(8)
+    B, T, H, K, D = 2, 256, 8, 2, 64
+    q, k, v = (jnp.asarray(rs.randn(B, T, h, D), jnp.bfloat16) for h in (H, K, K))
+    valid = np.ones((B, T), bool)
+    valid[1, T - 40:] = False
+    mask = np.tril(np.ones((T, T), bool))[None] if causal else np.ones((1, T, T), bool)
+    mask = jnp.asarray(mask & valid[:, None, :])
+
+    def run(implementation):
+        previous = A.set_attention_implementation(implementation)
+        try:
+            f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(A.dot_product_attention(
+                q, k, v, mask, scale=D ** -0.5, causal=causal).astype(jnp.float32) ** 2),
+                argnums=(0, 1, 2)))
+            return f(q, k, v), f.lower(q, k, v).as_text()
+        finally:
+            A.set_attention_implementation(previous)
+
+    (got, got_grads), hlo = run("cudnn")
+    assert "cudnn" in hlo.lower()
+    (want, want_grads), _ = run("xla")
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
+    for g, w in zip(got_grads, want_grads):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.max(np.abs(g - w)) <= 0.05 * np.max(np.abs(w))

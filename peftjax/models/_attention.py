@@ -190,16 +190,19 @@ def s2_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *
 
     def grouped(q, k, v, mask, rng):
         h = q.shape[2]
-        q, k, v = (a.reshape(B, N, group, h, D) for a in (q, k, v))
+        # heads before tokens ([B, N, h, g, D]): both products batched over leading dimensions,
+        # as in the full-attention path
+        q, k, v = (a.reshape(B, N, group, h, D).transpose(0, 1, 3, 2, 4) for a in (q, k, v))
         m = jnp.diagonal(mask.reshape(B, N, group, N, group), axis1=1, axis2=3)  # [B, g, g, N]
         m = jnp.moveaxis(m, -1, 1)  # [B, N, g, g]
-        s = jnp.einsum("bnthd,bnshd->bnhts", q, k.astype(q.dtype),
+        s = jnp.einsum("bnhtd,bnhsd->bnhts", q, k.astype(q.dtype),
                        preferred_element_type=jnp.float32) * scale
         if softcap is not None:
             s = jnp.tanh(s / softcap) * softcap
         p = jax.nn.softmax(jnp.where(m[:, :, None], s, neg), axis=-1)
         p = dropout(p, dropout_rate, rng).astype(q.dtype)
-        return jnp.einsum("bnhts,bnshd->bnthd", p, v.astype(q.dtype)).reshape(B, T, h, D)
+        out = jnp.einsum("bnhts,bnhsd->bnhtd", p, v.astype(q.dtype))
+        return out.transpose(0, 1, 3, 2, 4).reshape(B, T, h, D)
 
     def roll(a, n):
         return jnp.roll(a, n, axis=1)

@@ -10,12 +10,14 @@ causality, padding and sliding windows. How it is computed is chosen when the ca
   are batched matrix products with the batch dimensions leading. The former 5-D einsums
   ([B, T, K, G, D] against [B, S, K, D]) made XLA:CPU copy operands and scores into the
   products' layouts on every call (26 copies/transposes in one layer's forward and backward
-  against 13 now; README, "Benchmarks").
+  against 13 now; README, "Benchmarks"). Causal self-attention is cut into query blocks that
+  see the keys up to their end only (:func:`causal_blocks`).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
   attention on NVIDIA GPUs: scores are never materialised, and the causal upper triangle is
   skipped during training (``causal=True``). It needs bfloat16/float16 compute, head_dim a
   multiple of 8 (at most 128, 256 on Hopper), no soft-capping, no attention dropout and no
-  prefix keys; the mask is passed as cuDNN's additive bias ([B, 1, T, S], shared by the heads).
+  prefix keys; the mask is passed as cuDNN's additive bias ([B, 1, T, S], shared by the heads;
+  jax also has cuDNN return that bias's gradient, which is discarded).
 - ``auto`` (default): ``cudnn`` where it applies on a GPU, ``xla`` everywhere else. A call that
   cuDNN refuses when traced (shape, version) falls back to ``xla`` with one warning.
 

@@ -242,22 +242,24 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS:
                            dropout_rng=dropout_rng)
         return checkpoint_name(out, "attn_out")
     gated = extra is not None and extra.gate is not None
+    prefix = extra if extra is not None and not gated else None  # keys in the same softmax
+    dropping = dropout_rng is not None and dropout_rate > 0.0
     out_BTHD = None
     if attention_implementation() != "xla":
         out_BTHD = _try_cudnn(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale=scale, causal=causal,
-                              why_not=_cudnn_excluded(q_BTHD, softcap, extra, dropout_rate,
-                                                      dropout_rng))
+                              why_not=_cudnn_excluded(q_BTHD, softcap, prefix, dropping))
     if out_BTHD is None:
-        plain = dict(scale=scale, softcap=softcap, extra=None if gated else extra,
-                     dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-        n = causal_blocks(T, causal=causal and (extra is None or gated)
-                          and (dropout_rng is None or dropout_rate == 0.0))
-        b = T // n
-        out_BTHD = jnp.concatenate([  # query block i sees keys of blocks 0..i only
-            _xla_attention(q_BTHD[:, i * b:(i + 1) * b], k_BSKD[:, :(i + 1) * b],
-                           v_BSKD[:, :(i + 1) * b], mask_BTS[:, i * b:(i + 1) * b, :(i + 1) * b],
-                           **plain) for i in range(n)], axis=1) if n > 1 else _xla_attention(
-            q_BTHD, k_BSKD, v_BSKD, mask_BTS, **plain)
+        # random dropout bits follow the scores' shape, and prefix keys precede every query's
+        # keys: both keep the uncut call
+        n = causal_blocks(T, causal=causal and prefix is None and not dropping)
+        kw = dict(scale=scale, softcap=softcap, extra=prefix, dropout_rate=dropout_rate,
+                  dropout_rng=dropout_rng)
+        b, S = T // n, k_BSKD.shape[1]
+        ends = [S - T + (i + 1) * b for i in range(n)]  # block i sees keys of blocks 0..i only
+        out_BTHD = jnp.concatenate([
+            _xla_attention(q_BTHD[:, i * b:(i + 1) * b], k_BSKD[:, :e], v_BSKD[:, :e],
+                           mask_BTS[:, i * b:(i + 1) * b, :e], **kw)
+            for i, e in enumerate(ends)], axis=1)
     if gated:
         out_BTHD = out_BTHD + gated_attention(q_BTHD, extra, scale=scale, softcap=softcap)
     return checkpoint_name(out_BTHD, "attn_out")
@@ -268,9 +270,9 @@ def causal_blocks(T: int, *, causal: bool, min_block: int = 64, max_blocks: int 
     to the keys of blocks 0..i only, so (n + 1) / 2n of the scores are computed and held
     instead of all (n = 4: 62%; 8: 56%), with the same values for every query that sees a key
     (a masked key adds exactly 0 to a softmax that has one real score). Blocks of at least
-    ``min_block`` tokens, at most ``max_blocks`` of them, dividing T; 1 (no cut) when the call
-    is not causal, has prefix keys or attention dropout (its random bits follow the shape).
-    A query that sees no key (left padding) averages the values of its block's visible range
+    ``min_block`` tokens, at most ``max_blocks`` of them, dividing T; 1 (no cut) when not
+    ``causal`` (:func:`dot_product_attention` passes False with prefix keys or attention
+    dropout). A query that sees no key (left padding) averages the values of its block's visible range
     instead of all of them: padding outputs differ, real tokens' do not."""
     if not causal:
         return 1
@@ -301,7 +303,7 @@ def _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, softcap, extra, d
     return _tokens_first(out_BKQD, T)
 
 
-def _cudnn_excluded(q_BTHD, softcap, extra, dropout_rate, dropout_rng) -> str | None:
+def _cudnn_excluded(q_BTHD, softcap, prefix, dropping: bool) -> str | None:
     """Why cuDNN flash attention cannot run this call, or None when it may."""
     if jax.default_backend() != "gpu":
         return f"the backend is {jax.default_backend()}, not an NVIDIA GPU"
@@ -309,9 +311,9 @@ def _cudnn_excluded(q_BTHD, softcap, extra, dropout_rate, dropout_rng) -> str | 
         return f"it needs bfloat16 or float16 compute, not {q_BTHD.dtype}"
     if softcap is not None:
         return "it has no attention soft-capping (Gemma 2)"
-    if extra is not None and extra.gate is None:
+    if prefix is not None:
         return "prefix keys join the softmax (prefix tuning)"
-    if dropout_rng is not None and dropout_rate > 0.0:
+    if dropping:
         return "attention dropout is active"
     return None
 
@@ -322,19 +324,19 @@ _warned: set[str] = set()
 def _try_cudnn(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, causal, why_not) -> Array | None:
     """cuDNN flash attention, or None (``auto``) where it does not apply or refuses the call
     when traced; ``cudnn`` asked for explicitly raises instead."""
-    strict = attention_implementation() == "cudnn"
+    refused = False
     if why_not is None:
         try:
             return jax.nn.dot_product_attention(
                 q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype),
                 mask=mask_BTS[:, None], scale=scale, is_causal=causal, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError) as e:  # refused when traced
-            why_not = f"cuDNN refused it: {e}"
-    if strict:
+            why_not, refused = f"cuDNN refused it: {e}", True
+    if attention_implementation() == "cudnn":
         raise ValueError(f"attention implementation 'cudnn' cannot run this call: {why_not}; "
                          "use set_attention_implementation('auto') (cuDNN where it applies) "
                          "or 'xla'")
-    if why_not.startswith("cuDNN refused") and why_not not in _warned:
+    if refused and why_not not in _warned:
         _warned.add(why_not)
         warnings.warn(f"attention falls back to the XLA path: {why_not}", stacklevel=3)
     return None

@@ -11,8 +11,9 @@ Each case runs in its own process (clean peak memory) on random weights and rand
   torch_peft_lora  the same LoRA with PyTorch + PEFT (eager, SDPA attention, torch AdamW)
   torch_full       full fine-tuning in PyTorch (transformers' model, torch AdamW)
   peftjax_lora_xla_attention  peftjax_lora with attention on the plain-jnp path (on a GPU the
-                   default is cuDNN's flash attention, so this row shows what it gains; a
-                   default case of the GPU sizes only, as on a CPU both rows are the same)
+                   default is cuDNN's flash attention, on one TPU the splash kernel, so this
+                   row shows what the kernel gains; a default case of the GPU sizes only, as
+                   on a CPU both rows are the same)
 No gradient checkpointing in any case (PEFT's default), same optimizer settings (lr 1e-4,
 clip 1.0). Reported: median step time over --steps timed steps after --warmup, tokens/s,
 memory (device peak on GPU; process peak RSS on CPU; plus XLA's compiled buffer sizes for

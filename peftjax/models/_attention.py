@@ -18,18 +18,28 @@ causality, padding and sliding windows. How it is computed is chosen when the ca
   multiple of 8 (at most 128, 256 on Hopper), no soft-capping, no attention dropout and no
   prefix keys; the mask is passed as cuDNN's additive bias ([B, 1, T, S], shared by the heads;
   jax also has cuDNN return that bias's gradient, which is discarded).
-- ``auto`` (default): ``cudnn`` where it applies on a GPU, ``xla`` everywhere else. A call that
-  cuDNN refuses when traced (shape, version) falls back to ``xla`` with one warning.
+- ``splash``: the Pallas splash attention kernel of ``jax.experimental.pallas.ops.tpu`` for
+  TPUs: blocks of 128-512 queries and keys, blocks above the causal diagonal (or outside a
+  sliding window) skipped, scores never materialised. It runs causal self-attention (training,
+  evaluation without a cache) whose length is a multiple of 128, without prefix keys or
+  attention dropout, on one device (several devices need the kernel under ``shard_map``: not
+  wired in yet); grouped-query heads and soft-capping are native. Padding is expressed as
+  segment ids (real tokens 1, padding 0), so a padding query attends to earlier padding
+  instead of averaging every value: padding outputs differ from ``xla``'s, real tokens' do not.
+  Chosen explicitly off a TPU it runs in Pallas interpret mode (slow; how it is tested on CPU).
+- ``auto`` (default): ``cudnn`` where it applies on a GPU, ``splash`` where it applies on a
+  TPU, ``xla`` everywhere else. A call the kernel refuses when traced (shape, version) falls
+  back to ``xla`` with one warning.
 
 Inside :func:`shifted_sparse_attention` (LongLoRA's training context), self-attention over a
-whole sequence is :func:`s2_attention` whatever the setting. TPUs run the ``xla`` path (a
-Pallas flash/splash kernel is not wired in yet).
+whole sequence is :func:`s2_attention` whatever the setting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 
@@ -42,7 +52,7 @@ from peftjax.models._layers import dropout, fold
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _implementation: list[str] = []  # the current setting, read from the environment on first use
 
 
@@ -54,7 +64,7 @@ def _checked(name: str, where: str) -> str:
 
 
 def attention_implementation() -> str:
-    """The current setting: ``auto``, ``xla`` or ``cudnn`` (see the module doc)."""
+    """The current setting: ``auto``, ``xla``, ``cudnn`` or ``splash`` (see the module doc)."""
     if not _implementation:
         _implementation.append(_checked(os.environ.get("PEFTJAX_ATTENTION", "auto"),
                                         "PEFTJAX_ATTENTION"))
@@ -64,10 +74,10 @@ def attention_implementation() -> str:
 def set_attention_implementation(name: str) -> str:
     """Chooses how attention is computed from now on; returns the previous setting.
 
-    ``auto`` (cuDNN flash attention where it applies on a GPU, else ``xla``), ``xla`` (plain
-    jnp everywhere) or ``cudnn`` (an error where cuDNN cannot run the call, instead of falling
-    back). Read when a model call is traced: functions compiled before keep what they were
-    compiled with.
+    ``auto`` (cuDNN flash attention where it applies on a GPU, Pallas splash attention where it
+    applies on a TPU, else ``xla``), ``xla`` (plain jnp everywhere), ``cudnn`` or ``splash``
+    (that kernel, and an error where it cannot run the call, instead of falling back). Read
+    when a model call is traced: functions compiled before keep what they were compiled with.
 
         peftjax.set_attention_implementation("xla")   # e.g. to compare against cuDNN
     """
@@ -220,14 +230,17 @@ def s2_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *
 def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array, *,
                           scale: float, softcap: float | None = None,
                           extra: ExtraKV | None = None, dropout_rate: float = 0.0,
-                          dropout_rng: Array | None = None, causal: bool = False) -> Array:
+                          dropout_rng: Array | None = None, causal: bool = False,
+                          window: int | None = None) -> Array:
     """Grouped-query attention with softmax in float32; returns [B, T, H, D].
 
     Masked scores are set to the most negative float32 (not -inf), so a query that sees no key
     (a padding row) gets a uniform distribution instead of NaN. ``extra`` (projected) adds
     keys/values as :class:`ExtraKV` describes. ``causal``: the caller's promise that keys are
     the queries (S = T, no cache) and ``mask_BTS`` lets no query see a later key, so a fused
-    kernel may skip the upper triangle (the mask still applies). The implementation follows
+    kernel may skip the upper triangle (the mask still applies). ``window``: the sliding window
+    ``mask_BTS`` holds (keys within ``window`` slots of the query), which a fused kernel needs
+    to know statically (``xla`` reads the mask only). The implementation follows
     :func:`set_attention_implementation`; inside :func:`shifted_sparse_attention`,
     self-attention over a whole sequence is :func:`s2_attention`.
     """
@@ -245,9 +258,16 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS:
     prefix = extra if extra is not None and not gated else None  # keys in the same softmax
     dropping = dropout_rng is not None and dropout_rate > 0.0
     out_BTHD = None
-    if attention_implementation() != "xla":
-        out_BTHD = _try_cudnn(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale=scale, causal=causal,
-                              why_not=_cudnn_excluded(q_BTHD, softcap, prefix, dropping))
+    kernel = _kernel_for_call()
+    if kernel == "cudnn":
+        out_BTHD = _try_kernel("cudnn", lambda: jax.nn.dot_product_attention(
+            q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype),
+            mask=mask_BTS[:, None], scale=scale, is_causal=causal, implementation="cudnn"),
+            _cudnn_excluded(q_BTHD, softcap, prefix, dropping))
+    elif kernel == "splash":
+        out_BTHD = _try_kernel("splash", lambda: _splash_attention(
+            q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale=scale, softcap=softcap, window=window),
+            _splash_excluded(T, causal, prefix, dropping))
     if out_BTHD is None:
         # random dropout bits follow the scores' shape, and prefix keys precede every query's
         # keys: both keep the uncut call
@@ -272,8 +292,8 @@ def causal_blocks(T: int, *, causal: bool, min_block: int = 64, max_blocks: int 
     (a masked key adds exactly 0 to a softmax that has one real score). Blocks of at least
     ``min_block`` tokens, at most ``max_blocks`` of them, dividing T; 1 (no cut) when not
     ``causal`` (:func:`dot_product_attention` passes False with prefix keys or attention
-    dropout). A query that sees no key (left padding) averages the values of its block's visible range
-    instead of all of them: padding outputs differ, real tokens' do not."""
+    dropout). A query that sees no key (left padding) averages the values of its block's
+    visible range instead of all of them: padding outputs differ, real tokens' do not."""
     if not causal:
         return 1
     n = min(max_blocks, T // min_block)
@@ -303,40 +323,103 @@ def _xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, softcap, extra, d
     return _tokens_first(out_BKQD, T)
 
 
-def _cudnn_excluded(q_BTHD, softcap, prefix, dropping: bool) -> str | None:
-    """Why cuDNN flash attention cannot run this call, or None when it may."""
+def _kernel_for_call() -> str | None:
+    """The fused kernel the setting asks for on this backend (None: the ``xla`` path)."""
+    name = attention_implementation()
+    if name == "auto":
+        return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend())
+    return None if name == "xla" else name
+
+
+def _cudnn_excluded(q_BTHD, softcap, prefix, dropping: bool) -> tuple[str, bool] | None:
+    """Why cuDNN flash attention cannot run this call (and whether that deserves a warning
+    under ``auto``), or None when it may."""
     if jax.default_backend() != "gpu":
-        return f"the backend is {jax.default_backend()}, not an NVIDIA GPU"
+        return f"the backend is {jax.default_backend()}, not an NVIDIA GPU", False
     if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"it needs bfloat16 or float16 compute, not {q_BTHD.dtype}"
+        return f"it needs bfloat16 or float16 compute, not {q_BTHD.dtype}", False
     if softcap is not None:
-        return "it has no attention soft-capping (Gemma 2)"
+        return "it has no attention soft-capping (Gemma 2)", False
     if prefix is not None:
-        return "prefix keys join the softmax (prefix tuning)"
+        return "prefix keys join the softmax (prefix tuning)", False
     if dropping:
-        return "attention dropout is active"
+        return "attention dropout is active", False
     return None
 
 
+SPLASH_BLOCKS = (512, 256, 128)  # query/key block sizes tried, largest first (multiples of 128)
+
+
+def _splash_excluded(T: int, causal: bool, prefix, dropping: bool) -> tuple[str, bool] | None:
+    """Why the splash kernel cannot run this call (and whether that deserves a warning under
+    ``auto``), or None when it may."""
+    if not causal:
+        return ("it runs causal self-attention only (encoders and calls over a KV cache use "
+                "the xla path)", False)
+    if prefix is not None:
+        return "prefix keys join the softmax (prefix tuning)", False
+    if dropping:
+        return "attention dropout is active", False
+    if T % SPLASH_BLOCKS[-1]:
+        return (f"the sequence length {T} is not a multiple of {SPLASH_BLOCKS[-1]} (choose "
+                f"data.buckets / max_length that are)", False)
+    if jax.device_count() > 1:
+        return ("there are several devices and the kernel is not wrapped in shard_map yet; "
+                "attention runs on the xla path"), True
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(H: int, T: int, window: int | None, softcap: float | None, interpret: bool):
+    """The splash kernel for H heads over T tokens, causal (within ``window``)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    # a key is seen when it is at most window - 1 slots before the query (attention_mask)
+    one = (sm.CausalMask((T, T)) if window is None else
+           sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0))
+    b = next(b for b in SPLASH_BLOCKS if T % b == 0)
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return sk.make_splash_mha(mask=sm.MultiHeadMask([one] * H), head_shards=1, q_seq_shards=1,
+                              block_sizes=sizes, attn_logits_soft_cap=softcap,
+                              interpret=interpret), sk.SegmentIds
+
+
+def _splash_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, softcap, window) -> Array:
+    """Causal self-attention through the splash kernel; padding as segment ids read off the
+    mask's diagonal (a slot sees itself exactly when it is a real token)."""
+    B, T, H, D = q_BTHD.shape
+    kernel, SegmentIds = _splash_kernel(H, T, window, softcap, jax.default_backend() != "tpu")
+    real_BT = jnp.diagonal(mask_BTS, axis1=1, axis2=2).astype(jnp.int32)
+    dtype = q_BTHD.dtype
+    q_BHTD = (q_BTHD * jnp.asarray(scale, dtype)).transpose(0, 2, 1, 3)
+    k_BKSD, v_BKSD = (a.astype(dtype).transpose(0, 2, 1, 3) for a in (k_BSKD, v_BSKD))
+
+    def one(q, k, v, segments):
+        return kernel(q, k, v, segment_ids=SegmentIds(q=segments, kv=segments))
+
+    return jax.vmap(one)(q_BHTD, k_BKSD, v_BKSD, real_BT).transpose(0, 2, 1, 3)
+
+
 _warned: set[str] = set()
+_LABELS = {"cudnn": "cuDNN"}
 
 
-def _try_cudnn(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, causal, why_not) -> Array | None:
-    """cuDNN flash attention, or None (``auto``) where it does not apply or refuses the call
-    when traced; ``cudnn`` asked for explicitly raises instead."""
-    refused = False
+def _try_kernel(name: str, run, excluded: tuple[str, bool] | None) -> Array | None:
+    """``run()`` (the fused kernel ``name``), or None (``auto``) where it does not apply or
+    refuses the call when traced; the kernel asked for explicitly raises instead. Under
+    ``auto`` a refusal, or a notable exclusion, warns once."""
+    why_not, notable = excluded if excluded is not None else (None, False)
     if why_not is None:
         try:
-            return jax.nn.dot_product_attention(
-                q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype),
-                mask=mask_BTS[:, None], scale=scale, is_causal=causal, implementation="cudnn")
+            return run()
         except (NotImplementedError, ValueError, RuntimeError) as e:  # refused when traced
-            why_not, refused = f"cuDNN refused it: {e}", True
-    if attention_implementation() == "cudnn":
-        raise ValueError(f"attention implementation 'cudnn' cannot run this call: {why_not}; "
-                         "use set_attention_implementation('auto') (cuDNN where it applies) "
+            why_not, notable = f"{_LABELS.get(name, name)} refused it: {e}", True
+    if attention_implementation() == name:
+        raise ValueError(f"attention implementation {name!r} cannot run this call: {why_not}; "
+                         f"use set_attention_implementation('auto') ({name} where it applies) "
                          "or 'xla'")
-    if refused and why_not not in _warned:
+    if notable and why_not not in _warned:
         _warned.add(why_not)
         warnings.warn(f"attention falls back to the XLA path: {why_not}", stacklevel=3)
     return None

@@ -89,8 +89,8 @@ class DecoderAttention(nnx.Module):
             self.q_norm = L.RMSNorm(D, **norm)
             self.k_norm = L.RMSNorm(D, **norm)
 
-    def __call__(self, x_BTE, *, positions_BT, mask_BTS, cache_kv=None, cache_index=None,
-                 extra: A.ExtraKV | None = None):
+    def __call__(self, x_BTE, *, positions_BT, mask_BTS, window=None, cache_kv=None,
+                 cache_index=None, extra: A.ExtraKV | None = None):
         cfg = self.cfg
         B, T, _ = x_BTE.shape
         q = self.q_proj(x_BTE).reshape(B, T, cfg.num_heads, cfg.head_dim)
@@ -107,7 +107,7 @@ class DecoderAttention(nnx.Module):
             extra = extra.projected(self.project_kv)
         out = A.dot_product_attention(q, k, v, mask_BTS, scale=cfg.attn_scale,
                                       softcap=cfg.attn_softcap, extra=extra,
-                                      causal=cache_kv is None)
+                                      causal=cache_kv is None, window=window)
         return self.o_proj(out.reshape(B, T, -1)), new_cache
 
     def project_kv(self, x_BPE):
@@ -194,7 +194,7 @@ class DecoderModel(nnx.Module):
             positions = L.default_positions(attention_mask, T, offset)
         masks = {w: A.attention_mask(q_slots, attention_mask, causal=True, window=w)
                  for w in set(cfg.layer_windows)}
-        per_layer = [dict(mask_BTS=masks[cfg.layer_windows[i]],
+        per_layer = [dict(mask_BTS=masks[cfg.layer_windows[i]], window=cfg.layer_windows[i],
                           cache_kv=cache.layer(i) if cache is not None else None,
                           extra=extra_kv[i] if extra_kv is not None else None)
                      for i in range(len(self.layers))]

@@ -156,9 +156,10 @@ def run_blocks(blocks, remat: str, scan: bool, x: Array, per_layer: list[dict], 
     adapters) and their per-layer arguments' structures and shapes agree; a pattern that repeats
     with a period (Gemma's local/global layers) is scanned as a super-block of that period, and
     blocks that fit no repeat (LoRA on some layers only) run unrolled. Per-layer arguments that
-    are the same object for every scanned block (one mask for all) are passed once, the others
-    stacked. The stacking copies the scanned blocks' weights once per call (XLA holds one stacked
-    copy among the temporaries); see the README's compile-time table. Values agree with the
+    are the same object for every scanned block (one mask for all), or hold no arrays (a window
+    size), are passed once, the others stacked. The stacking copies the scanned blocks' weights
+    once per call (XLA holds one stacked copy among the temporaries); see the README's
+    compile-time table. Values agree with the
     unrolled loop to float rounding (XLA compiles the scanned body as its own program). The
     models scan calls over a KV cache only for several tokens (training with a prefix in the
     cache, prefill): a decode step stays unrolled, as stacking the cache would copy it per token.
@@ -189,7 +190,7 @@ def run_blocks(blocks, remat: str, scan: bool, x: Array, per_layer: list[dict], 
         for r in rows:
             states.append(jax.tree.map(lambda *a: jnp.stack(a), *[splits[i][1] for i in r]))
             fixed = {k: v for k, v in per_layer[r[0]].items()
-                     if all(per_layer[i][k] is v for i in r)}
+                     if all(per_layer[i][k] is v for i in r) or not _holds_arrays(v)}
             fixed_kw.append(fixed)
             stacked_kw.append({k: jax.tree.map(lambda *a: jnp.stack(a),
                                                *[per_layer[i][k] for i in r])
@@ -211,6 +212,10 @@ def run_blocks(blocks, remat: str, scan: bool, x: Array, per_layer: list[dict], 
             for j, i in enumerate(r):
                 extras[i] = jax.tree.map(lambda a, j=j: a[j], outs[q])
     return x, extras
+
+
+def _holds_arrays(value) -> bool:
+    return any(isinstance(a, jax.Array) for a in jax.tree.leaves(value))
 
 
 def _split_output(out):

@@ -14,6 +14,7 @@ import pytest
 
 import peftjax
 from peftjax.models import _attention as A
+from peftjax.models import from_pretrained
 
 
 def reference(q, k, v, mask, *, scale, softcap=None, prefix=None, gated=None):
@@ -245,3 +246,114 @@ def test_cudnn_matches_xla_on_gpu(causal):
     for g, w in zip(got_grads, want_grads):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert np.max(np.abs(g - w)) <= 0.05 * np.max(np.abs(w))
+
+
+def _padded_causal(T, B=2, window=None, left=24, right=40):
+    valid = np.ones((B, T), bool)
+    valid[0, :left] = False  # left padding
+    valid[1, T - right:] = False  # right padding
+    slots = np.arange(T)
+    mask = (slots[None, :] <= slots[:, None])[None] & valid[:, None, :]
+    if window is not None:
+        mask = mask & (slots[None, :] > slots[:, None] - window)[None]
+    return jnp.asarray(mask), valid
+
+
+@pytest.fixture
+def splash(monkeypatch):
+    """The splash kernel asked for explicitly: off a TPU it runs in Pallas interpret mode."""
+    monkeypatch.setattr(A, "_implementation", ["splash"])
+    monkeypatch.setattr(A, "SPLASH_BLOCKS", (128,))  # several blocks at test lengths
+
+
+@pytest.mark.parametrize("window, softcap, grads", [(None, None, True), (50, None, True),
+                                                    (None, 5.0, False)])
+def test_splash_kernel_matches_xla(splash, window, softcap, grads):
+    """The splash kernel (interpret mode) against the xla path on every real token: GQA,
+    left and right padding (as segment ids), a sliding window, soft-capping; values and the
+    gradients of q, k and v."""
+    rs = np.random.RandomState(9)
+    B, T, H, K, D = 2, 256, 4, 2, 16
+    q, k, v = (jnp.asarray(rs.randn(B, T, h, D), jnp.float32) for h in (H, K, K))
+    mask, valid = _padded_causal(T, B, window)
+    weights = jnp.asarray(rs.randn(B, T, H, D), jnp.float32) * valid[:, :, None, None]
+
+    def loss(q, k, v, implementation):
+        A.set_attention_implementation(implementation)
+        out = A.dot_product_attention(q, k, v, mask, scale=D ** -0.5, softcap=softcap,
+                                      causal=True, window=window)
+        return jnp.sum(out * weights), out
+
+    run = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True) if grads else loss
+    got = run(q, k, v, "splash")
+    want = run(q, k, v, "xla")
+    (got_out, want_out) = (got[0][1], want[0][1]) if grads else (got[1], want[1])
+    real = valid[:, :, None, None] & np.ones((1, 1, H, D), bool)
+    np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real],
+                               atol=2e-5, rtol=1e-5)
+    if grads:
+        for g, w in zip(got[1], want[1]):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
+def test_splash_asked_for_where_it_cannot_run_names_the_reason(splash):
+    q, k, v, *_ = random_case(10, T=128, S=128, D=16)
+    mask, _ = _padded_causal(128)
+    cases = [(dict(causal=False), "causal self-attention only"),
+             (dict(causal=True, dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+              "attention dropout"),
+             (dict(causal=True, extra=A.ExtraKV(k=k[:1, :3], v=v[:1, :3])), "prefix keys")]
+    for kw, reason in cases:
+        with pytest.raises(ValueError, match=f"'splash' cannot run this call: .*{reason}"):
+            A.dot_product_attention(q, k, v, mask, scale=0.4, **kw)
+    q, k, v, *_ = random_case(10, T=96, S=96, D=16)
+    with pytest.raises(ValueError, match="sequence length 96 is not a multiple of 128"):
+        A.dot_product_attention(q, k, v, _padded_causal(96)[0], scale=0.4, causal=True)
+
+
+def test_auto_on_a_tpu_picks_splash_where_it_applies(monkeypatch):
+    """``auto`` with the backend saying tpu: causal self-attention goes to the splash kernel,
+    the rest to xla silently; several devices fall back with one warning."""
+    calls = []
+    real = A._splash_attention
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        with monkeypatch.context() as m:  # run the real kernel in interpret mode
+            m.setattr(A.jax, "default_backend", lambda: "cpu")
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_implementation", ["auto"])
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(A, "_splash_attention", recorded)
+    monkeypatch.setattr(A, "_warned", set())
+    q, k, v, *_ = random_case(11, T=128, S=128, D=16)
+    mask, valid = _padded_causal(128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = A.dot_product_attention(q, k, v, mask, scale=0.4, causal=True, window=7)
+        assert len(calls) == 1 and calls[0]["window"] == 7
+        A.dot_product_attention(q, k, v, mask, scale=0.4)  # not causal: xla, no warning
+        A.dot_product_attention(q[:, :96], k[:, :96], v[:, :96], mask[:, :96, :96], scale=0.4,
+                                causal=True)  # 96 tokens: xla, no warning
+        assert len(calls) == 1
+    monkeypatch.setattr(A.jax, "device_count", lambda: 8)
+    with pytest.warns(UserWarning, match="several devices"):
+        A.dot_product_attention(q, k, v, mask, scale=0.4, causal=True)
+    assert len(calls) == 1
+
+
+def test_splash_in_a_model_with_windows_and_softcap(splash, tiny_dir):
+    """Gemma 2 (sliding-window and global layers, soft-capping, GQA) with the splash kernel
+    gives the xla path's logits on every real token, with left padding: the window reaches
+    the kernel from the model."""
+    model = from_pretrained(tiny_dir("gemma2"), progress=False)
+    rs = np.random.RandomState(12)
+    ids = jnp.asarray(rs.randint(1, 160, (2, 128)), jnp.int32)
+    attn = jnp.asarray(np.arange(128)[None] >= np.array([[0], [30]]), jnp.int32)
+    got = model(ids, attention_mask=attn).logits
+    A.set_attention_implementation("xla")
+    want = model(ids, attention_mask=attn).logits
+    real = np.asarray(attn, bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5,
+                               rtol=1e-5)

@@ -9,7 +9,7 @@ NF4; batch 1 x 2048 tokens, full remat, AdamW: ``configs/memory/``'s recipes) th
 lowered and compiled by ``peftjax.train.dry_run`` in a process of its own (the persistent
 compilation cache off, so nothing is reused), once with the blocks unrolled and once scanned.
 Reported: the lowering + compile seconds, the ratio, and XLA's temporaries and total buffer
-size (scanning stacks the blocks' frozen weights into one temporary copy per step). XLA:CPU
+size (scanned, the frozen weights are held stacked as runs hold them, ``ScanLayout``). XLA:CPU
 uses its memory-minimising scheduler (the planner's setting). The table is printed and written
 to benchmarks/results/compile_time_<backend>.md.
 """

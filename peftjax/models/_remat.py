@@ -157,12 +157,13 @@ def run_blocks(blocks, remat: str, scan: bool, x: Array, per_layer: list[dict], 
     with a period (Gemma's local/global layers) is scanned as a super-block of that period, and
     blocks that fit no repeat (LoRA on some layers only) run unrolled. Per-layer arguments that
     are the same object for every scanned block (one mask for all), or hold no arrays (a window
-    size), are passed once, the others stacked. The stacking copies the scanned blocks' weights
-    once per call (XLA holds one stacked copy among the temporaries); see the README's
-    compile-time table. Values agree with the
-    unrolled loop to float rounding (XLA compiles the scanned body as its own program). The
-    models scan calls over a KV cache only for several tokens (training with a prefix in the
-    cache, prefill): a decode step stays unrolled, as stacking the cache would copy it per token.
+    size), are passed once, the others stacked. Stacking weights inside a jitted step copies
+    them in every step; ``peftjax.train.ScanLayout`` holds the frozen ones stacked between
+    steps instead (XLA then folds the stack of slices back into the argument: no copy).
+    Values agree with the unrolled loop to float rounding (XLA compiles the scanned body as
+    its own program). The models scan calls over a KV cache only for several tokens (training
+    with a prefix in the cache, prefill): a decode step stays unrolled, as stacking the cache
+    would copy it per token.
     """
     blocks = list(blocks)
     extras: list = [None] * len(blocks)
@@ -206,12 +207,34 @@ def run_blocks(blocks, remat: str, scan: bool, x: Array, per_layer: list[dict], 
                 outs.append(extra)
             return x, outs
 
+        scanned = _SCANNED.get()
+        for r in rows if scanned is not None else ():  # what is stacked, leaf by leaf
+            per_block = [jax.tree.leaves(splits[i][1]) for i in r]
+            scanned.extend(list(column) for column in zip(*per_block))
         indices = [jnp.asarray(r, jnp.int32) for r in rows]
         x, outs = jax.lax.scan(body, x, list(zip(indices, states, stacked_kw)))
         for q, r in enumerate(rows):
             for j, i in enumerate(r):
                 extras[i] = jax.tree.map(lambda a, j=j: a[j], outs[q])
     return x, extras
+
+
+# set by record_scanned(): the list run_blocks appends to
+_SCANNED: contextvars.ContextVar = contextvars.ContextVar("scanned_leaves", default=None)
+
+
+@contextlib.contextmanager
+def record_scanned():
+    """While a forward pass is traced in this context, every scanned run of blocks appends,
+    for each leaf position of its blocks' state, the list of those leaves in scan order (the
+    arrays ``run_blocks`` stacks): what ``peftjax.train.ScanLayout`` holds stacked between
+    steps. Yields that list."""
+    found: list = []
+    token = _SCANNED.set(found)
+    try:
+        yield found
+    finally:
+        _SCANNED.reset(token)
 
 
 def _holds_arrays(value) -> bool:

@@ -34,7 +34,12 @@ from flax import nnx
 
 
 class ProcedureRun:
-    """A procedure attached to one model (see the module doc); the defaults do nothing."""
+    """A procedure attached to one model (see the module doc); the defaults do nothing.
+    ``changes_frozen``: :meth:`boundary` writes frozen weights, so :meth:`saved_state` reads
+    them (the run loop hands the frozen weights per block only to such a procedure when it
+    holds them stacked for scanned blocks)."""
+
+    changes_frozen: ClassVar[bool] = False
 
     def at_boundary(self, step: int) -> bool:
         """Whether :meth:`boundary` runs after train step ``step`` (1-based count)."""

@@ -147,6 +147,8 @@ class ReLoraConfig(ProcedureConfig):
 
 
 class _ReLoraRun(ProcedureRun):
+    changes_frozen = True
+
     def __init__(self, cfg: ReLoraConfig, graphdef, trainable, frozen, key):
         self.cfg, self.key = cfg, key
         model = nnx.merge(graphdef, trainable, frozen)

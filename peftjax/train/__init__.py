@@ -11,12 +11,13 @@ from peftjax.train._sharding import (DEFAULT_RULES, DistributedSetupError, MeshC
 from peftjax.train._plan import dry_run, format_plan
 from peftjax.train._run import (TrainingDiverged, build_model, evaluate_checkpoint,
                                 load_trained_model, run_training)
+from peftjax.train._stacking import ScanLayout
 from peftjax.train._step import (make_eval_step, make_train_step, set_remat, set_scan_layers,
                                  split_model, summarize, trainable_paths)
 
 __all__ = [
     "DEFAULT_RULES", "DistributedSetupError", "IGNORE_INDEX", "MeshConfig", "OptimizerConfig",
-    "TrainingDiverged",
+    "ScanLayout", "TrainingDiverged",
     "build_model", "dry_run", "evaluate_checkpoint", "format_plan", "load_trained_model",
     "run_training", "batch_sharding",
     "initialize_distributed", "is_primary", "make_mesh", "partition_spec", "process_rows",

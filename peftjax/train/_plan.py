@@ -18,6 +18,7 @@ import numpy as np
 from peftjax.config import RunConfig
 from peftjax.train._optim import make_optimizer
 from peftjax.train._run import build_model, param_counts, run_task
+from peftjax.train._stacking import ScanLayout
 from peftjax.train._step import make_train_step, split_model
 
 
@@ -48,7 +49,12 @@ def dry_run(cfg: RunConfig, *, compile: bool = True) -> dict:
                  "attention_mask": jax.ShapeDtypeStruct((B, T), i32),
                  "labels": jax.ShapeDtypeStruct(labels, i32)}
         key = jax.eval_shape(lambda: jax.random.key(0)) if cfg.train.dropout else None
-        step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps)
+        layout = None
+        if cfg.train.scan_layers:  # as the run holds them: scanned blocks' weights stacked
+            layout = ScanLayout.find(graphdef, trainable, frozen, batch, task=task)
+            frozen = layout.stack(frozen)
+        step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps,
+                               layout=layout)
         t1 = time.perf_counter()
         compiled = step.lower(trainable, opt_state, frozen, batch, key).compile()
         report["compile_seconds"] = round(time.perf_counter() - t1, 1)

@@ -39,6 +39,7 @@ from peftjax.train._optim import make_optimizer, make_schedule
 from peftjax.train._sharding import (_env_int, any_process, initialize_distributed, is_primary, make_mesh,
                                      process_rows, replicate_single, shard_batch, shard_state,
                                      to_host)
+from peftjax.train._stacking import ScanLayout
 from peftjax.train._step import make_train_step, set_remat, set_scan_layers, split_model
 from peftjax.tuners import PeftModel, get_peft_model
 from peftjax.tuners._targets import named_modules
@@ -231,6 +232,28 @@ def save_result(model, directory: str, tokenizer) -> str:
     return "adapter" if isinstance(model, PeftModel) else "model"
 
 
+class _FrozenWeights:
+    """The run's frozen weights: per block as ``split_model`` gives them, or, after
+    :meth:`hold_stacked` (``train.scan_layers``), the scanned blocks' weights stacked as a
+    :class:`ScanLayout` holds them (the per-block arrays freed, so the weights exist once and
+    the train step stacks nothing)."""
+
+    def __init__(self, frozen):
+        self.value, self.layout = frozen, None
+
+    def hold_stacked(self, layout: ScanLayout) -> None:
+        self.value, self.layout = layout.stack(self.value, delete=True), layout
+
+    def per_block(self):
+        """The frozen state per block (while stacked: copies, for an evaluation, a
+        procedure or the end of the run)."""
+        return self.value if self.layout is None else self.layout.unstack(self.value)
+
+    def set(self, frozen) -> None:
+        """New per-block frozen weights (a procedure's); held as before."""
+        self.value = frozen if self.layout is None else self.layout.stack(frozen, delete=True)
+
+
 def _checkpoint_state(trainable, opt_state, rng, procedure_state: dict) -> dict:
     """What a checkpoint holds: the trainable state, the optimizer state, the rng, and the
     frozen weights a procedure changed (ReLoRA's merged kernels)."""
@@ -315,6 +338,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
     graphdef, trainable, frozen = split_model(model, modules=heads)
     trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
     counts = param_counts(trainable, frozen)
+    weights = _FrozenWeights(frozen)
+    del frozen  # (held stacked once the first step is compiled, with train.scan_layers)
     print_fn(f"model: {type(model.base_model if isinstance(model, PeftModel) else model).__name__}"
              f" ({cfg.peft.method}); trainable {counts['trainable']:,d} of {counts['total']:,d} "
              f"parameters ({counts['trainable_pct']:.3f}%)" + _quant_note(cfg, model))
@@ -331,7 +356,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                                lr_scales=procedure.learning_rate_scales(trainable))
     opt_state = replicate_single(optimizer.init(trainable), mesh)
     base_key = jax.random.key(cfg.train.seed)
-    proc = procedure.attach(graphdef, trainable, frozen,
+    proc = procedure.attach(graphdef, trainable, weights.value,
                             key=jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1))
     ckpt = RunCheckpointer(ckpt_dir, keep=cfg.train.keep_checkpoints,
                            async_save=cfg.train.async_checkpointing)
@@ -340,10 +365,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         step = ckpt.latest_step()
         # restored leaves take the placement of ``like``: the rng on the mesh too
         state, meta = ckpt.restore(step, like=replicate_single(_checkpoint_state(
-            trainable, opt_state, jax.random.key_data(base_key), proc.saved_state(frozen)), mesh))
+            trainable, opt_state, jax.random.key_data(base_key),
+            proc.saved_state(weights.value)), mesh))
         trainable, opt_state = state["trainable"], state["opt_state"]
         if "procedure" in state:
-            frozen = proc.restored(frozen, state["procedure"])
+            weights.value = proc.restored(weights.value, state["procedure"])
         base_key = jax.random.wrap_key_data(state["rng"])
         stream.restore(meta["data"])
         best, history = meta.get("best"), meta.get("history", {})
@@ -361,7 +387,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
 
     def evaluate(split: str, examples) -> dict:
         t0 = time.perf_counter()
-        result = evaluator(examples, trainable, frozen)
+        result = evaluator(examples, trainable, weights.per_block())
         if result:
             result["seconds"] = round(time.perf_counter() - t0, 2)
             log.write({"step": step, "split": split, **result})
@@ -376,7 +402,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         saved["step"] = step
         # (replicated over the mesh: a multi-process checkpoint takes global arrays only)
         ckpt.save(step, replicate_single(_checkpoint_state(
-            trainable, opt_state, jax.random.key_data(base_key), proc.saved_state(frozen)), mesh),
+            trainable, opt_state, jax.random.key_data(base_key),
+            proc.saved_state(weights.per_block() if proc.changes_frozen else None)), mesh),
                   meta={"data": dataclasses.asdict(stream.position), "best": best,
                         "history": history, "reason": reason})
 
@@ -437,15 +464,22 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                 length = batch["input_ids"].shape[1]
                 if length not in compiled:
                     t0 = time.perf_counter()
-                    compiled[length] = train_step.lower(trainable, opt_state, frozen, batch,
-                                                        key).compile()
+                    if cfg.train.scan_layers and weights.layout is None:
+                        weights.hold_stacked(ScanLayout.find(graphdef, trainable, weights.value,
+                                                             batch, task=task))
+                        note(f"scan_layers: {weights.layout.describe()}")
+                        train_step = make_train_step(
+                            graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps,
+                            context=procedure.training_context, layout=weights.layout)
+                    compiled[length] = train_step.lower(trainable, opt_state, weights.value,
+                                                        batch, key).compile()
                     dt = time.perf_counter() - t0
                     compile_s += dt
                     clock["excluded"] += dt
                     note(f"compiled the train step for length {length} in {dt:.1f} s "
                          f"({len(compiled)} shape(s) so far)")
-                trainable, opt_state, metrics = compiled[length](trainable, opt_state, frozen,
-                                                                 batch, key)
+                trainable, opt_state, metrics = compiled[length](trainable, opt_state,
+                                                                 weights.value, batch, key)
                 step += 1
                 pending.append((step, metrics))
                 window["tokens"] += stream.last_tokens
@@ -457,8 +491,10 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                 if logs or boundary or ((evals or saves) and step < total):
                     flush()
                 if boundary:  # (not timed as a train step)
-                    trainable, frozen, opt_state, record = proc.boundary(step, trainable, frozen,
-                                                                         opt_state)
+                    trainable, frozen, opt_state, record = proc.boundary(
+                        step, trainable, weights.per_block(), opt_state)
+                    weights.set(frozen)
+                    del frozen
                     log.write({"step": step, "split": "procedure", **record})
                     note(f"step {step}: {_fmt(record)}")
                 if logs and window["n"]:
@@ -497,6 +533,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
             best = _better(best, evaluate("validation", splits.validation), metric_name, step)
             if splits.test:
                 history["test"] = evaluate("test", splits.test)
+            frozen = weights.per_block()
             if jax.process_count() > 1:  # every process gathers; the first one writes
                 trainable, frozen = to_host(trainable), to_host(frozen)
             nnx.update(model, trainable, frozen)

@@ -78,9 +78,11 @@ def set_remat(model: nnx.Module, policy: str) -> None:
 def set_scan_layers(model: nnx.Module, scan: bool = True) -> None:
     """Runs identical transformer blocks as one ``jax.lax.scan`` in training and evaluation
     (and prefill; decode steps stay unrolled): the compiler sees one block, so compile time
-    stops growing with depth, at the cost of one stacked copy of the scanned blocks' weights
-    among the step's temporaries. Blocks differing in structure (adapters on some layers only)
-    run unrolled. Call it before :func:`split_model` (the setting is part of the graph)."""
+    stops growing with depth. Hold the frozen weights stacked between steps
+    (:class:`~peftjax.train.ScanLayout`, as ``train.scan_layers`` runs do), or the step stacks
+    them into a copy in every step. Blocks differing in structure (adapters on some layers
+    only) run unrolled. Call it before :func:`split_model` (the setting is part of the
+    graph)."""
     _set_on_stacks(model, "scan_layers", bool(scan), "scan")
 
 
@@ -111,7 +113,7 @@ def _check_batch(batch: Batch, accum_steps: int) -> int:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-                    task: str, accum_steps: int = 1, context=None):
+                    task: str, accum_steps: int = 1, context=None, layout=None):
     """The jitted ``train_step(trainable, opt_state, frozen, batch, rng)`` ->
     ``(trainable, opt_state, metrics)``.
 
@@ -124,7 +126,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     callable returning a context manager entered while the step is traced (a procedure's
     training-only model behaviour, e.g. LongLoRA's shifted sparse attention).
     ``metrics``: ``loss``, ``accuracy``, ``targets`` (count) and ``grad_norm`` (before
-    clipping).
+    clipping). ``layout``: a :class:`~peftjax.train.ScanLayout`; ``frozen`` is then its
+    stacked form (scanned blocks' weights held stacked, not stacked again in every step).
     """
     if task not in LOSSES:
         raise ValueError(f"task={task!r} has no training loss; use one of {', '.join(LOSSES)}")
@@ -143,6 +146,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return grads, jnp.stack([loss_sum, n, correct])
 
     def step(trainable, opt_state, frozen, batch, rng):
+        if layout is not None:
+            frozen = layout.unstack(frozen)
         if context is not None:
             with context():
                 return plain_step(trainable, opt_state, frozen, batch, rng)
@@ -175,14 +180,17 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, task: str):
+def make_eval_step(graphdef: nnx.GraphDef, *, task: str, layout=None):
     """The jitted ``eval_step(trainable, frozen, batch)`` -> sums ``{"loss_sum", "targets",
-    "correct"}`` (no dropout). Add them over batches and call :func:`summarize`."""
+    "correct"}`` (no dropout). Add them over batches and call :func:`summarize`. ``layout``:
+    as for :func:`make_train_step`."""
     if task not in LOSSES:
         raise ValueError(f"task={task!r} has no loss; use one of {', '.join(LOSSES)}")
 
     def step(trainable, frozen, batch):
         _check_batch(batch, 1)
+        if layout is not None:
+            frozen = layout.unstack(frozen)
         loss_sum, n, correct = _forward_sums(graphdef, task, trainable, frozen, batch, None)
         return {"loss_sum": loss_sum, "targets": n, "correct": correct}
 

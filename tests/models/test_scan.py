@@ -14,7 +14,7 @@ from flax import nnx
 
 from peftjax import LoraConfig, PrefixTuningConfig, get_peft_model
 from peftjax.models import _remat, from_pretrained
-from peftjax.train import make_train_step, set_remat, set_scan_layers, split_model
+from peftjax.train import ScanLayout, make_train_step, set_remat, set_scan_layers, split_model
 from tests.conftest import batch, tiny_configs
 
 LAYERS = 5
@@ -54,8 +54,11 @@ TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "
            "gemma3": ["q_proj", "v_proj"]}
 
 
-def _step(path: str, arch: str, scan: bool, config=None, remat: str = "full"):
-    """(loss, updated trainables, lowered program text) of one SGD step with dropout on."""
+def _step(path: str, arch: str, scan: bool, config=None, remat: str = "full",
+          stacked: bool = False):
+    """(loss, updated trainables, lowered program text, compiled temporaries in bytes, the
+    layout) of one SGD step with dropout on. ``stacked``: the frozen weights of the scanned
+    blocks held stacked (``ScanLayout``), as runs hold them."""
     task = "sequence_classification" if arch == "bert" else "causal_lm"
     base = from_pretrained(path, task=task, progress=False)
     config = config or LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch],
@@ -71,11 +74,15 @@ def _step(path: str, arch: str, scan: bool, config=None, remat: str = "full"):
     optimizer = optax.sgd(0.5)
     opt_state = optimizer.init(trainable)
     rng = jax.random.key(7)
-    lowered = make_train_step(graphdef, optimizer, task=task).lower(
+    layout = ScanLayout.find(graphdef, trainable, frozen, data, task=task) if stacked else None
+    if stacked:
+        frozen = layout.stack(frozen)
+    lowered = make_train_step(graphdef, optimizer, task=task, layout=layout).lower(
         trainable, opt_state, frozen, data, rng)
-    trainable, _, metrics = lowered.compile()(trainable, opt_state, frozen, data, rng)
+    compiled = lowered.compile()
+    trainable, _, metrics = compiled(trainable, opt_state, frozen, data, rng)
     return (float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(trainable)],
-            lowered.as_text())
+            lowered.as_text(), compiled.memory_analysis().temp_size_in_bytes, layout)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "bert"])
@@ -108,6 +115,40 @@ def test_blocks_that_differ_run_unrolled_around_the_scanned_run(deep_dir):
         for a, b in zip(scanned[1], unrolled[1]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
         assert scanned[2].count("stablehlo.while") >= unrolled[2].count("stablehlo.while") + 2
+
+
+@pytest.mark.parametrize("arch, blocks", [("llama", {5}), ("gemma3", {2})])
+def test_weights_held_stacked_train_the_same_without_the_copy(deep_dir, arch, blocks):
+    """``ScanLayout``: the scanned blocks' frozen weights held stacked (Gemma 3's period-2
+    stack: rows of blocks 0, 2 and 1, 3; block 4 unrolled, not stacked) train exactly as when
+    the step stacks them, with fewer temporaries (the per-step copy is gone); ``unstack``
+    gives the per-block weights back."""
+    path = deep_dir(arch)
+    in_step = _step(path, arch, True)
+    held = _step(path, arch, True, stacked=True)
+    layout = held[4]
+    assert layout.groups and {len(g) for g in layout.groups} == blocks
+    assert held[0] == in_step[0]
+    for a, b in zip(held[1], in_step[1]):
+        np.testing.assert_array_equal(a, b)
+    assert held[3] < in_step[3], (held[3], in_step[3])
+
+    model = get_peft_model(from_pretrained(path, progress=False),
+                           LoraConfig(r=2, target_modules=["q_proj"]), rngs=nnx.Rngs(0))
+    set_scan_layers(model)
+    graphdef, trainable, frozen = split_model(model)
+    ids, mask = batch(lengths=(8, 6), seed=2)
+    data = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+            "labels": jnp.asarray(ids)}
+    layout = ScanLayout.find(graphdef, trainable, frozen, data, task="causal_lm")
+    per_block = [np.asarray(a) for a in jax.tree.leaves(frozen)]
+    originals = jax.tree.leaves(frozen)
+    stacked = layout.stack(frozen, delete=True)
+    assert sum(a.is_deleted() for a in originals) == sum(len(g) for g in layout.groups)
+    for a, b in zip(jax.tree.leaves(layout.unstack(stacked)), per_block):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(ValueError, match="not the ones the layout was found for"):
+        layout.stack(trainable)
 
 
 def test_repeats_split_a_stack_into_scannable_runs():

@@ -211,3 +211,39 @@ def test_relora_config_errors(tiny_bert, tmp_path):  # noqa: F811
     assert "ReLoRA restarts LoRA adapters; peft.method is 'ia3'" in msg
     assert "restart_warmup_steps=9 must be in [1, reset_every]" in error(
         "procedure.method=relora", "procedure.reset_every=5", "procedure.restart_warmup_steps=9")
+
+
+def test_relora_with_scanned_blocks_holds_the_weights_stacked(tiny_bert, tmp_path,  # noqa: F811
+                                                              capsys):
+    """``train.scan_layers``: the run holds the scanned blocks' frozen weights stacked (a
+    ``ScanLayout``, the per-block arrays freed) through ReLoRA's resets, an evaluation inside
+    the run, checkpoints and the end: the saved merged model equals the unrolled run's within
+    float rounding (XLA compiles the scanned block as a program of its own), and a run resumed
+    mid-cycle ends bit-identical to the uninterrupted scanned run."""
+    from safetensors.numpy import load_file
+
+    from peftjax.train._run import run_training
+    quiet = dict(progress=False, print_fn=print)
+    runs = {}
+    for scan in (False, True):
+        cfg_path, out = write_config(
+            tmp_path, tiny_bert, f"relora_scan_{scan}",
+            peft={"r": 2, "target_modules": ["query", "value"]},
+            train={"steps": 10, "save_every": 3, "keep_checkpoints": 5, "eval_every": 5,
+                   "scan_layers": scan},
+            procedure={"method": "relora", "reset_every": 4, "optimizer_reset_ratio": 0.9,
+                       "restart_warmup_steps": 2})
+        runs[scan] = (cfg_path, out, run_training(load_config(cfg_path), **quiet))
+    (_, plain, plain_summary), (cfg_path, out, summary) = runs[False], runs[True]
+    # every frozen leaf of the 2 encoder blocks (the adapted kernels too: LoRA's base)
+    assert ("scan_layers: 16 frozen weights held stacked over 2 scanned blocks"
+            in capsys.readouterr().out)
+    assert summary["steps"] == 10 and summary["best"]["step"] in (5, 10)
+    x, y = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (plain, out))
+    assert sorted(x) == sorted(y)
+    for k in x:
+        np.testing.assert_allclose(y[k], x[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    assert summary["test"]["accuracy"] == pytest.approx(plain_summary["test"]["accuracy"],
+                                                        abs=1 / 64)
+    _, copy = _resume_from_six(tmp_path, cfg_path, out)
+    _same_files(out, copy)

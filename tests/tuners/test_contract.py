@@ -19,8 +19,8 @@ from peftjax import (AdaptionPromptConfig, BottleneckConfig, IA3Config, LoraConf
                      PrefixTuningConfig, PromptTuningConfig, TiedLoraConfig, VeraConfig,
                      get_peft_model)
 from peftjax.models import _remat, from_pretrained
-from peftjax.train import (OptimizerConfig, make_optimizer, make_train_step, set_remat,
-                           set_scan_layers, split_model)
+from peftjax.train import (OptimizerConfig, ScanLayout, make_optimizer, make_train_step,
+                           set_remat, set_scan_layers, split_model)
 from peftjax.tuners import AdapterParam, registered
 from tests.conftest import batch, on_eight_devices
 
@@ -59,16 +59,21 @@ def _logits(model):
     return np.asarray(out.logits)[MASK == 1]
 
 
-def _train(model, steps=4, remat="none", optimizer=None):
+def _train(model, steps=4, remat="none", optimizer=None, stacked=False):
+    """``stacked``: the frozen weights of scanned blocks held stacked (``ScanLayout``), as
+    ``train.scan_layers`` runs hold them."""
     set_remat(model, remat)
     graphdef, trainable, frozen = split_model(model)
     optimizer = optimizer or make_optimizer(OptimizerConfig(learning_rate=1e-2))
     opt_state = optimizer.init(trainable)
-    step = make_train_step(graphdef, optimizer, task="causal_lm")
     data = {k: jnp.asarray(v) for k, v in DATA.items()}
+    layout = ScanLayout.find(graphdef, trainable, frozen, data, task="causal_lm") if stacked \
+        else None
+    step = make_train_step(graphdef, optimizer, task="causal_lm", layout=layout)
+    held = layout.stack(frozen) if stacked else frozen
     losses = []
     for _ in range(steps):
-        trainable, opt_state, metrics = step(trainable, opt_state, frozen, data, None)
+        trainable, opt_state, metrics = step(trainable, opt_state, held, data, None)
         losses.append(float(metrics["loss"]))
     nnx.update(model, trainable)
     return losses, trainable, frozen, opt_state
@@ -113,8 +118,8 @@ def test_contract(tiny_dir, tmp_path, method):
 
 @pytest.mark.parametrize("method", list(CONTRACT))
 def test_remat_full_and_scanned_blocks_equal_none(tiny_dir, method, monkeypatch):
-    """Remat ``full``, and full remat with the blocks scanned (``train.scan_layers``), train as
-    the plain step does."""
+    """Remat ``full``, and full remat with the blocks scanned (``train.scan_layers``: the
+    frozen weights held stacked, as runs hold them), train as the plain step does."""
     config, _ = CONTRACT[method]
     scanned = []
     repeats = _remat._repeats
@@ -129,7 +134,7 @@ def test_remat_full_and_scanned_blocks_equal_none(tiny_dir, method, monkeypatch)
         # SGD: linear in the gradient, so the comparison measures the gradients (AdamW
         # amplifies rounding noise in a near-zero gradient component to the learning rate)
         losses, trainable, _, _ = _train(model, steps=2, remat=remat,
-                                         optimizer=optax.sgd(0.5, momentum=0.9))
+                                         optimizer=optax.sgd(0.5, momentum=0.9), stacked=scan)
         runs.append((losses, jax.tree.leaves(trainable)))
     # at least two blocks ran as one scan
     assert any(count >= 2 for segments in scanned for _, _, count in segments), scanned
@@ -214,7 +219,16 @@ def _run_meshes(path: str, out: str) -> None:
             trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
             optimizer = optax.sgd(0.5, momentum=0.9)  # linear in the gradient: see test_sharding
             opt_state = optimizer.init(trainable)
-            step = make_train_step(graphdef, optimizer, task="causal_lm")
+            layout = None
+            if scan:  # the scanned blocks' weights held stacked, sharded as each block's
+                layout = ScanLayout.find(graphdef, trainable, frozen,
+                                         {k: jnp.asarray(v) for k, v in DATA.items()},
+                                         task="causal_lm")
+                frozen = layout.stack(frozen, delete=True)
+                assert layout.groups and all(
+                    s.sharding.spec[0] is None and s.sharding.mesh.shape == mesh.shape
+                    for s in frozen["stacks"])
+            step = make_train_step(graphdef, optimizer, task="causal_lm", layout=layout)
             losses = []
             for _ in range(3):
                 trainable, opt_state, m = step(trainable, opt_state, frozen, shard_batch(

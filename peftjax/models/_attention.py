@@ -22,8 +22,9 @@ causality, padding and sliding windows. How it is computed is chosen when the ca
   TPUs: blocks of 128-512 queries and keys, blocks above the causal diagonal (or outside a
   sliding window) skipped, scores never materialised. It runs causal self-attention (training,
   evaluation without a cache) whose length is a multiple of 128, without prefix keys or
-  attention dropout, on one device (several devices need the kernel under ``shard_map``: not
-  wired in yet); grouped-query heads and soft-capping are native. Padding is expressed as
+  attention dropout; grouped-query heads and soft-capping are native. On several devices it
+  runs under ``shard_map`` over the mesh set while tracing (``jax.set_mesh``; the run loop
+  sets it), batch and heads split as the mesh allows. Padding is expressed as
   segment ids (real tokens 1, padding 0), so a padding query attends to earlier padding
   instead of averaging every value: padding outputs differ from ``xla``'s, real tokens' do not.
   Chosen explicitly off a TPU it runs in Pallas interpret mode (slow; how it is tested on CPU).
@@ -363,10 +364,16 @@ def _splash_excluded(T: int, causal: bool, prefix, dropping: bool) -> tuple[str,
     if T % SPLASH_BLOCKS[-1]:
         return (f"the sequence length {T} is not a multiple of {SPLASH_BLOCKS[-1]} (choose "
                 f"data.buckets / max_length that are)", False)
-    if jax.device_count() > 1:
-        return ("there are several devices and the kernel is not wrapped in shard_map yet; "
-                "attention runs on the xla path"), True
+    if jax.device_count() > 1 and _tracing_mesh() is None:
+        return ("there are several devices and no mesh is set while the call is traced (trace "
+                "it inside `with jax.set_mesh(mesh):`, as peftjax's run loop does)"), True
     return None
+
+
+def _tracing_mesh():
+    """The mesh set while tracing (``jax.set_mesh``), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 @functools.lru_cache(maxsize=64)
@@ -387,18 +394,44 @@ def _splash_kernel(H: int, T: int, window: int | None, softcap: float | None, in
 
 def _splash_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, softcap, window) -> Array:
     """Causal self-attention through the splash kernel; padding as segment ids read off the
-    mask's diagonal (a slot sees itself exactly when it is a real token)."""
-    B, T, H, D = q_BTHD.shape
-    kernel, SegmentIds = _splash_kernel(H, T, window, softcap, jax.default_backend() != "tpu")
+    mask's diagonal (a slot sees itself exactly when it is a real token). On several devices
+    the kernel runs under ``shard_map`` over the tracing mesh: the batch split over every mesh
+    axis but ``tensor`` (where they divide it), the heads over ``tensor`` (where it divides
+    both head counts, keeping each query head with its key head), replicated otherwise."""
+    B, T, H, _ = q_BTHD.shape
+    K = k_BSKD.shape[2]
     real_BT = jnp.diagonal(mask_BTS, axis1=1, axis2=2).astype(jnp.int32)
     dtype = q_BTHD.dtype
-    q_BHTD = (q_BTHD * jnp.asarray(scale, dtype)).transpose(0, 2, 1, 3)
-    k_BKSD, v_BKSD = (a.astype(dtype).transpose(0, 2, 1, 3) for a in (k_BSKD, v_BSKD))
+    q_BTHD = q_BTHD * jnp.asarray(scale, dtype)
+    k_BSKD, v_BSKD = k_BSKD.astype(dtype), v_BSKD.astype(dtype)
 
-    def one(q, k, v, segments):
-        return kernel(q, k, v, segment_ids=SegmentIds(q=segments, kv=segments))
+    def attend(q_BTHD, k_BSKD, v_BSKD, real_BT):  # on the (local) arrays
+        kernel, SegmentIds = _splash_kernel(q_BTHD.shape[2], T, window, softcap,
+                                            jax.default_backend() != "tpu")
 
-    return jax.vmap(one)(q_BHTD, k_BKSD, v_BKSD, real_BT).transpose(0, 2, 1, 3)
+        def one(q, k, v, segments):
+            return kernel(q, k, v, segment_ids=SegmentIds(q=segments, kv=segments))
+
+        heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+        return heads_first(jax.vmap(one)(heads_first(q_BTHD), heads_first(k_BSKD),
+                                         heads_first(v_BSKD), real_BT))
+
+    mesh = _tracing_mesh() if jax.device_count() > 1 else None
+    if mesh is None:
+        return attend(q_BTHD, k_BSKD, v_BSKD, real_BT)
+    shape = dict(mesh.shape)
+    batch, n = [], 1
+    for axis in mesh.axis_names:
+        if axis != "tensor" and shape[axis] > 1 and B % (n * shape[axis]) == 0:
+            batch.append(axis)
+            n *= shape[axis]
+    t = shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and H % t == 0 and K % t == 0 else None
+    rows = tuple(batch) if batch else None
+    spec = jax.sharding.PartitionSpec(rows, None, heads, None)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec,
+                                                      jax.sharding.PartitionSpec(rows, None)),
+                         out_specs=spec, check_vma=False)(q_BTHD, k_BSKD, v_BSKD, real_BT)
 
 
 _warned: set[str] = set()

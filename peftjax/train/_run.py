@@ -36,9 +36,9 @@ from peftjax.quant._linear import STATE_NAMES, QuantizedLinear
 from peftjax.tokenizer import load_tokenizer
 from peftjax.train._eval import Evaluator
 from peftjax.train._optim import make_optimizer, make_schedule
-from peftjax.train._sharding import (_env_int, any_process, initialize_distributed, is_primary, make_mesh,
-                                     process_rows, replicate_single, shard_batch, shard_state,
-                                     to_host)
+from peftjax.train._sharding import (_env_int, any_process, initialize_distributed, is_primary,
+                                     make_mesh, process_rows, replicate_single, shard_batch,
+                                     shard_state, to_host, tracing_mesh)
 from peftjax.train._stacking import ScanLayout
 from peftjax.train._step import make_train_step, set_remat, set_scan_layers, split_model
 from peftjax.tuners import PeftModel, get_peft_model
@@ -387,7 +387,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
 
     def evaluate(split: str, examples) -> dict:
         t0 = time.perf_counter()
-        result = evaluator(examples, trainable, weights.per_block())
+        with tracing_mesh(mesh):
+            result = evaluator(examples, trainable, weights.per_block())
         if result:
             result["seconds"] = round(time.perf_counter() - t0, 2)
             log.write({"step": step, "split": split, **result})
@@ -464,15 +465,17 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                 length = batch["input_ids"].shape[1]
                 if length not in compiled:
                     t0 = time.perf_counter()
-                    if cfg.train.scan_layers and weights.layout is None:
-                        weights.hold_stacked(ScanLayout.find(graphdef, trainable, weights.value,
-                                                             batch, task=task))
-                        note(f"scan_layers: {weights.layout.describe()}")
-                        train_step = make_train_step(
-                            graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps,
-                            context=procedure.training_context, layout=weights.layout)
-                    compiled[length] = train_step.lower(trainable, opt_state, weights.value,
-                                                        batch, key).compile()
+                    with tracing_mesh(mesh):
+                        if cfg.train.scan_layers and weights.layout is None:
+                            weights.hold_stacked(ScanLayout.find(
+                                graphdef, trainable, weights.value, batch, task=task))
+                            note(f"scan_layers: {weights.layout.describe()}")
+                            train_step = make_train_step(
+                                graphdef, optimizer, task=task,
+                                accum_steps=cfg.train.accum_steps,
+                                context=procedure.training_context, layout=weights.layout)
+                        compiled[length] = train_step.lower(trainable, opt_state, weights.value,
+                                                            batch, key).compile()
                     dt = time.perf_counter() - t0
                     compile_s += dt
                     clock["excluded"] += dt
@@ -639,6 +642,7 @@ def evaluate_checkpoint(cfg: RunConfig, *, split: str = "test", step: int | None
     # one process, its own devices (a multi-process run's checkpoints restore into any mesh)
     mesh = make_mesh(dataclasses.replace(cfg.mesh.mesh_config(), distributed=False))
     trainable, frozen = shard_state(trainable, mesh), shard_state(frozen, mesh)
-    result = Evaluator(cfg, graphdef, run_task(cfg), tok, splits.buckets, mesh)(
-        examples, trainable, frozen)
+    with tracing_mesh(mesh):
+        result = Evaluator(cfg, graphdef, run_task(cfg), tok, splits.buckets, mesh)(
+            examples, trainable, frozen)
     return {"step": step, "split": split, **result}

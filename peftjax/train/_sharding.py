@@ -29,6 +29,7 @@ of the global batch (:func:`process_rows`, ``shard_batch(local, mesh, global_row
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -227,6 +228,13 @@ def replicate_single(tree, mesh: Mesh):
             return jax.device_put(x, replicated)
         return x
     return jax.tree.map(place, tree)
+
+
+def tracing_mesh(mesh: Mesh):
+    """The context steps are traced in: ``jax.set_mesh(mesh)`` when the mesh has several
+    devices (a fused attention kernel runs under ``shard_map`` over it: the splash kernel on
+    TPUs), nothing otherwise."""
+    return jax.set_mesh(mesh) if mesh.size > 1 else contextlib.nullcontext()
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

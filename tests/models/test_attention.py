@@ -357,3 +357,45 @@ def test_splash_in_a_model_with_windows_and_softcap(splash, tiny_dir):
     real = np.asarray(attn, bool)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5,
                                rtol=1e-5)
+
+
+def _splash_on_eight_devices():
+    """(In a process with 8 CPU devices.) The splash kernel under shard_map over a data 2 x
+    fsdp 2 x tensor 2 mesh set while tracing (batch over data and fsdp, heads over tensor)
+    equals the xla path, values and gradients; without a mesh it names the fix."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from peftjax.train import MeshConfig, make_mesh
+    A.SPLASH_BLOCKS = (128,)
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    rs = np.random.RandomState(13)
+    B, T, H, K, D = 4, 256, 4, 2, 16
+    mask, valid = _padded_causal(T, B, 40)
+    q, k, v = (jax.device_put(jnp.asarray(rs.randn(B, T, h, D), jnp.float32),
+                              NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+               for h in (H, K, K))
+    weights = jnp.asarray(rs.randn(B, T, H, D), jnp.float32) * valid[:, :, None, None]
+
+    def run(implementation):
+        A.set_attention_implementation(implementation)
+        f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(A.dot_product_attention(
+            q, k, v, mask, scale=D ** -0.5, causal=True, window=40) * weights),
+            argnums=(0, 1, 2)))
+        with jax.set_mesh(mesh):
+            return f(q, k, v), f.lower(q, k, v).as_text()
+
+    (got, got_grads), text = run("splash")
+    (want, want_grads), xla_text = run("xla")
+    assert "manual" in text and "manual" not in xla_text  # the kernel ran under shard_map
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+    A.set_attention_implementation("splash")
+    with pytest.raises(ValueError, match="no mesh is set while the call is traced"):
+        jax.jit(lambda q: A.dot_product_attention(q, k, v, mask, scale=0.3, causal=True))(q)
+
+
+def test_splash_kernel_sharded_over_a_mesh():
+    from tests.conftest import on_eight_devices
+    on_eight_devices("from tests.models.test_attention import _splash_on_eight_devices; "
+                     "_splash_on_eight_devices()")

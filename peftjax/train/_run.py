@@ -253,6 +253,11 @@ class _FrozenWeights:
         """New per-block frozen weights (a procedure's); held as before."""
         self.value = frozen if self.layout is None else self.layout.stack(frozen, delete=True)
 
+    def hold_per_block(self) -> None:
+        """Per block from now on (training is over: the final evaluations and the saved model
+        read them without a copy each); the stacked arrays are dropped."""
+        self.value, self.layout = self.per_block(), None
+
 
 def _checkpoint_state(trainable, opt_state, rng, procedure_state: dict) -> dict:
     """What a checkpoint holds: the trainable state, the optimizer state, the rng, and the
@@ -533,6 +538,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
             print_fn(f"{interrupted}: saved a checkpoint at step {step} in {ckpt_dir}; continue "
                      "with train.resume=true")
         else:
+            weights.hold_per_block()
             best = _better(best, evaluate("validation", splits.validation), metric_name, step)
             if splits.test:
                 history["test"] = evaluate("test", splits.test)

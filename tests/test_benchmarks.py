@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -90,6 +92,24 @@ def test_longlora_benchmark_runs(tmp_path):
     assert [r[0] for r in rows] == ["full attention", "S2-Attn, groups of 1/4",
                                     "S2-Attn, groups of 1/8"]
     assert all(float(r[4].replace(",", "")) > 0 for r in rows)  # tokens/s
+
+
+def test_longlora_extension_benchmark_runs(tmp_path):
+    """The extension study end to end at the tiny budget: pretraining, both extension runs,
+    the table; both extension runs start from the same model (the interpolated pretrained
+    model with LoRA's zero B), so their before-training perplexities agree."""
+    import json
+    out = tmp_path / "extension.md"
+    run_benchmark("longlora_extension.py", out, "--budget", "tiny", "--quiet")
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.read_text().splitlines()
+            if ln.startswith("| ") and not ln.startswith("| model")]
+    assert [r[0].split(",")[0] for r in rows] == [
+        "pretrained", "pretrained", "pretrained", "LongLoRA (S2-Attn 1/4)", "LoRA"]
+    assert all(float(r[1]) > 1 for r in rows) and float(rows[3][2]) > 0
+    runs = json.loads((tmp_path / "extension.json").read_text())
+    assert runs["longlora"]["test_before"]["perplexity"] == pytest.approx(
+        runs["lora"]["test_before"]["perplexity"], rel=1e-6)
+    assert runs["longlora"]["steps"] == runs["lora"]["steps"] == 2
 
 
 def test_serving_benchmark_runs(tmp_path):

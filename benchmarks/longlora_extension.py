@@ -66,12 +66,16 @@ def build(directory: str, b: dict) -> None:
     tok.save_pretrained(directory)
 
 
-def run(cfg: dict, path: str, quiet: bool) -> dict:
+def config(cfg: dict, path: str):
     from peftjax.config import load_config
-    from peftjax.train import run_training
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
-    return run_training(load_config(path), progress=not quiet,
+    return load_config(path)
+
+
+def run(cfg: dict, path: str, quiet: bool) -> dict:
+    from peftjax.train import run_training
+    return run_training(config(cfg, path), progress=not quiet,
                         print_fn=(lambda *a: None) if quiet else print)
 
 
@@ -101,33 +105,34 @@ def main():
     pretrained = os.path.join(work, "pretrain", "model")
     factor = b["long"] / b["short"]
 
-    def extend(name: str, procedure, interpolate: bool = True, steps=None) -> dict:
-        model = {"path": pretrained, "task": "causal_lm"}
-        if interpolate:
-            model["config_overrides"] = {"rope_scaling": {"rope_type": "linear",
-                                                          "factor": factor},
-                                         "max_position_embeddings": b["long"]}
-        cfg = {"model": model,
+    def extend_config(name: str) -> dict:
+        return {"model": {"path": pretrained, "task": "causal_lm", "config_overrides": {
+                   "rope_scaling": {"rope_type": "linear", "factor": factor},
+                   "max_position_embeddings": b["long"]}},
                "peft": {"method": "lora", "r": 8, "lora_alpha": 16,
                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
                         "modules_to_save": ["embed_tokens", "input_layernorm",
                                             "post_attention_layernorm", "norm"],
                         "task_type": "CAUSAL_LM"},
                "data": {**data, "max_length": b["long"]},
-               "train": {"steps": b["extend_steps"] if steps is None else steps,
-                         "batch_size": b["extend_batch"], "lr": 2e-3,
+               "train": {"steps": b["extend_steps"], "batch_size": b["extend_batch"], "lr": 2e-3,
                          "schedule": "constant", "warmup_steps": 0, "log_every": 25,
                          "save_every": None},
                "eval": {"batch_size": 4, "test_before": True},
                "output_dir": os.path.join(work, name)}
-        if procedure:
-            cfg["procedure"] = procedure
-        return run(cfg, os.path.join(work, name + ".yaml"), args.quiet)
 
-    longlora = extend("longlora", {"method": "longlora", "group_size_ratio": 0.25})
-    lora = extend("lora_full_attention", None)
-    # no interpolation, no training: the pretrained model read at the long length
-    plain = extend("no_interpolation", None, interpolate=False, steps=1)["test_before"]
+    longlora_cfg = extend_config("longlora")
+    longlora_cfg["procedure"] = {"method": "longlora", "group_size_ratio": 0.25}
+    longlora = run(longlora_cfg, os.path.join(work, "longlora.yaml"), args.quiet)
+    lora = run(extend_config("lora_full_attention"),
+               os.path.join(work, "lora_full_attention.yaml"), args.quiet)
+    # no interpolation, no training: the pretrained model (loaded as stored) read at the long
+    # length, on the same test windows
+    from peftjax.train import evaluate_checkpoint
+    plain_cfg = extend_config("no_interpolation")
+    del plain_cfg["model"]["config_overrides"]
+    plain = evaluate_checkpoint(config(plain_cfg, os.path.join(work, "no_interpolation.yaml")),
+                                split="test", model_dir=pretrained, progress=not args.quiet)
     ppl = lambda r: f"{r['perplexity']:.2f}"  # noqa: E731
     rows = [
         (f"pretrained, {b['short']} tokens (its trained length)", ppl(pre["test"]), "-"),
@@ -157,7 +162,7 @@ def main():
         f.write(text + "\n")
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"pretrain": pre, "longlora": longlora, "lora": lora,
-                   "no_interpolation_before": plain}, f, indent=1, default=str)
+                   "no_interpolation": plain}, f, indent=1, default=str)
     print(f"written to {out}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,8 @@ causality, padding and sliding windows. How it is computed is chosen when the ca
   evaluation without a cache) whose length is a multiple of 128, without prefix keys or
   attention dropout; grouped-query heads and soft-capping are native. On several devices it
   runs under ``shard_map`` over the mesh set while tracing (``jax.set_mesh``; the run loop
-  sets it), batch and heads split as the mesh allows. Padding is expressed as
+  sets it), batch and heads split as the mesh allows; with no mesh set it refuses the call
+  (``auto``: xla, one warning). Padding is expressed as
   segment ids (real tokens 1, padding 0), so a padding query attends to earlier padding
   instead of averaging every value: padding outputs differ from ``xla``'s, real tokens' do not.
   Chosen explicitly off a TPU it runs in Pallas interpret mode (slow; how it is tested on CPU).
@@ -332,41 +333,36 @@ def _kernel_for_call() -> str | None:
     return None if name == "xla" else name
 
 
-def _cudnn_excluded(q_BTHD, softcap, prefix, dropping: bool) -> tuple[str, bool] | None:
-    """Why cuDNN flash attention cannot run this call (and whether that deserves a warning
-    under ``auto``), or None when it may."""
+def _cudnn_excluded(q_BTHD, softcap, prefix, dropping: bool) -> str | None:
+    """Why cuDNN flash attention cannot run this call, or None when it may."""
     if jax.default_backend() != "gpu":
-        return f"the backend is {jax.default_backend()}, not an NVIDIA GPU", False
+        return f"the backend is {jax.default_backend()}, not an NVIDIA GPU"
     if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"it needs bfloat16 or float16 compute, not {q_BTHD.dtype}", False
+        return f"it needs bfloat16 or float16 compute, not {q_BTHD.dtype}"
     if softcap is not None:
-        return "it has no attention soft-capping (Gemma 2)", False
+        return "it has no attention soft-capping (Gemma 2)"
     if prefix is not None:
-        return "prefix keys join the softmax (prefix tuning)", False
+        return "prefix keys join the softmax (prefix tuning)"
     if dropping:
-        return "attention dropout is active", False
+        return "attention dropout is active"
     return None
 
 
 SPLASH_BLOCKS = (512, 256, 128)  # query/key block sizes tried, largest first (multiples of 128)
 
 
-def _splash_excluded(T: int, causal: bool, prefix, dropping: bool) -> tuple[str, bool] | None:
-    """Why the splash kernel cannot run this call (and whether that deserves a warning under
-    ``auto``), or None when it may."""
+def _splash_excluded(T: int, causal: bool, prefix, dropping: bool) -> str | None:
+    """Why the splash kernel cannot run this call, or None when it may."""
     if not causal:
         return ("it runs causal self-attention only (encoders and calls over a KV cache use "
-                "the xla path)", False)
+                "the xla path)")
     if prefix is not None:
-        return "prefix keys join the softmax (prefix tuning)", False
+        return "prefix keys join the softmax (prefix tuning)"
     if dropping:
-        return "attention dropout is active", False
+        return "attention dropout is active"
     if T % SPLASH_BLOCKS[-1]:
         return (f"the sequence length {T} is not a multiple of {SPLASH_BLOCKS[-1]} (choose "
-                f"data.buckets / max_length that are)", False)
-    if jax.device_count() > 1 and _tracing_mesh() is None:
-        return ("there are several devices and no mesh is set while the call is traced (trace "
-                "it inside `with jax.set_mesh(mesh):`, as peftjax's run loop does)"), True
+                f"data.buckets / max_length that are)")
     return None
 
 
@@ -389,7 +385,7 @@ def _splash_kernel(H: int, T: int, window: int | None, softcap: float | None, in
                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     return sk.make_splash_mha(mask=sm.MultiHeadMask([one] * H), head_shards=1, q_seq_shards=1,
                               block_sizes=sizes, attn_logits_soft_cap=softcap,
-                              interpret=interpret), sk.SegmentIds
+                              interpret=interpret)
 
 
 def _splash_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, softcap, window) -> Array:
@@ -397,26 +393,32 @@ def _splash_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale, softcap, windo
     mask's diagonal (a slot sees itself exactly when it is a real token). On several devices
     the kernel runs under ``shard_map`` over the tracing mesh: the batch split over every mesh
     axis but ``tensor`` (where they divide it), the heads over ``tensor`` (where it divides
-    both head counts, keeping each query head with its key head), replicated otherwise."""
+    both head counts, keeping each query head with its key head), replicated otherwise;
+    without a mesh set while tracing, several devices are refused (ValueError)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     B, T, H, _ = q_BTHD.shape
     K = k_BSKD.shape[2]
+    mesh = _tracing_mesh() if jax.device_count() > 1 else None
+    if jax.device_count() > 1 and mesh is None:
+        raise ValueError("there are several devices and no mesh is set while the call is "
+                         "traced (trace it inside `with jax.set_mesh(mesh):`, as peftjax's run "
+                         "loop does)")
     real_BT = jnp.diagonal(mask_BTS, axis1=1, axis2=2).astype(jnp.int32)
     dtype = q_BTHD.dtype
     q_BTHD = q_BTHD * jnp.asarray(scale, dtype)
     k_BSKD, v_BSKD = k_BSKD.astype(dtype), v_BSKD.astype(dtype)
 
     def attend(q_BTHD, k_BSKD, v_BSKD, real_BT):  # on the (local) arrays
-        kernel, SegmentIds = _splash_kernel(q_BTHD.shape[2], T, window, softcap,
-                                            jax.default_backend() != "tpu")
+        kernel = _splash_kernel(q_BTHD.shape[2], T, window, softcap,
+                                jax.default_backend() != "tpu")
 
         def one(q, k, v, segments):
-            return kernel(q, k, v, segment_ids=SegmentIds(q=segments, kv=segments))
+            return kernel(q, k, v, segment_ids=sk.SegmentIds(q=segments, kv=segments))
 
         heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
         return heads_first(jax.vmap(one)(heads_first(q_BTHD), heads_first(k_BSKD),
                                          heads_first(v_BSKD), real_BT))
 
-    mesh = _tracing_mesh() if jax.device_count() > 1 else None
     if mesh is None:
         return attend(q_BTHD, k_BSKD, v_BSKD, real_BT)
     shape = dict(mesh.shape)
@@ -438,21 +440,21 @@ _warned: set[str] = set()
 _LABELS = {"cudnn": "cuDNN"}
 
 
-def _try_kernel(name: str, run, excluded: tuple[str, bool] | None) -> Array | None:
-    """``run()`` (the fused kernel ``name``), or None (``auto``) where it does not apply or
-    refuses the call when traced; the kernel asked for explicitly raises instead. Under
-    ``auto`` a refusal, or a notable exclusion, warns once."""
-    why_not, notable = excluded if excluded is not None else (None, False)
+def _try_kernel(name: str, run, why_not: str | None) -> Array | None:
+    """``run()`` (the fused kernel ``name``), or None (``auto``) where it does not apply
+    (``why_not``) or refuses the call when traced; the kernel asked for explicitly raises
+    instead. Under ``auto`` a refusal warns once."""
+    refused = False
     if why_not is None:
         try:
             return run()
         except (NotImplementedError, ValueError, RuntimeError) as e:  # refused when traced
-            why_not, notable = f"{_LABELS.get(name, name)} refused it: {e}", True
+            why_not, refused = f"{_LABELS.get(name, name)} refused it: {e}", True
     if attention_implementation() == name:
         raise ValueError(f"attention implementation {name!r} cannot run this call: {why_not}; "
                          f"use set_attention_implementation('auto') ({name} where it applies) "
                          "or 'xla'")
-    if notable and why_not not in _warned:
+    if refused and why_not not in _warned:
         _warned.add(why_not)
         warnings.warn(f"attention falls back to the XLA path: {why_not}", stacklevel=3)
     return None

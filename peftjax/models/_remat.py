@@ -89,8 +89,7 @@ def call_block(block: nnx.Module, remat: str, x: Array, **kwargs):
     if remat == "none":
         return block(x, **kwargs)
     policy = remat_policy(remat)
-    traced = {k: v for k, v in kwargs.items()
-              if any(isinstance(a, jax.Array) for a in jax.tree.leaves(v))}
+    traced = {k: v for k, v in kwargs.items() if _holds_arrays(v)}
     static = {k: v for k, v in kwargs.items() if k not in traced}
     graphdef, state = nnx.split(block)
     # The block may be traced again after this call returns (a custom_vjp's forward inside a

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -381,8 +382,10 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
         print_fn(f"resumed from {ckpt_dir}/{step} (data epoch {stream.position.epoch}, batch "
                  f"{stream.position.index})")
 
-    train_step = make_train_step(graphdef, optimizer, task=task, accum_steps=cfg.train.accum_steps,
-                                 context=procedure.training_context)
+    step_maker = functools.partial(make_train_step, graphdef, optimizer, task=task,
+                                   accum_steps=cfg.train.accum_steps,
+                                   context=procedure.training_context)
+    train_step = step_maker()  # (with train.scan_layers, remade for the layout found below)
     evaluator = Evaluator(cfg, graphdef, task, tok, splits.buckets, mesh)
     log = _MetricsLog(out_dir, enabled=primary)
     compiled, compile_s, step_s = {}, 0.0, 0.0
@@ -475,10 +478,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True, print_fn=print,
                             weights.hold_stacked(ScanLayout.find(
                                 graphdef, trainable, weights.value, batch, task=task))
                             note(f"scan_layers: {weights.layout.describe()}")
-                            train_step = make_train_step(
-                                graphdef, optimizer, task=task,
-                                accum_steps=cfg.train.accum_steps,
-                                context=procedure.training_context, layout=weights.layout)
+                            train_step = step_maker(layout=weights.layout)
                         compiled[length] = train_step.lower(trainable, opt_state, weights.value,
                                                             batch, key).compile()
                     dt = time.perf_counter() - t0

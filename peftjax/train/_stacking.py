@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from peftjax.models._remat import record_scanned
-from peftjax.train._losses import model_loss_sums
+from peftjax.train._step import _forward_sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,7 @@ class ScanLayout:
         def trace(trainable, frozen, batch):
             index = {id(a): i for i, a in enumerate(jax.tree.leaves(frozen))}
             with record_scanned() as columns:
-                out = model_loss_sums(nnx.merge(graphdef, trainable, frozen), batch, task=task,
-                                      dropout_rng=None)
+                out = _forward_sums(graphdef, task, trainable, frozen, batch, None)
             for column in columns:
                 ids = [index.get(id(a)) for a in column]
                 if None not in ids:  # every block's leaf is a frozen argument

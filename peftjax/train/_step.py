@@ -180,17 +180,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, task: str, layout=None):
+def make_eval_step(graphdef: nnx.GraphDef, *, task: str):
     """The jitted ``eval_step(trainable, frozen, batch)`` -> sums ``{"loss_sum", "targets",
-    "correct"}`` (no dropout). Add them over batches and call :func:`summarize`. ``layout``:
-    as for :func:`make_train_step`."""
+    "correct"}`` (no dropout). Add them over batches and call :func:`summarize`."""
     if task not in LOSSES:
         raise ValueError(f"task={task!r} has no loss; use one of {', '.join(LOSSES)}")
 
     def step(trainable, frozen, batch):
         _check_batch(batch, 1)
-        if layout is not None:
-            frozen = layout.unstack(frozen)
         loss_sum, n, correct = _forward_sums(graphdef, task, trainable, frozen, batch, None)
         return {"loss_sum": loss_sum, "targets": n, "correct": correct}
 

@@ -271,7 +271,8 @@ def splash(monkeypatch):
 def test_splash_kernel_matches_xla(splash, window, softcap, grads):
     """The splash kernel (interpret mode) against the xla path on every real token: GQA,
     left and right padding (as segment ids), a sliding window, soft-capping; values and the
-    gradients of q, k and v."""
+    gradients of q, k and v (measured: values within 2.4e-7, gradients of size ~8 within
+    2.3e-6)."""
     rs = np.random.RandomState(9)
     B, T, H, K, D = 2, 256, 4, 2, 16
     q, k, v = (jnp.asarray(rs.randn(B, T, h, D), jnp.float32) for h in (H, K, K))
@@ -290,10 +291,10 @@ def test_splash_kernel_matches_xla(splash, window, softcap, grads):
     (got_out, want_out) = (got[0][1], want[0][1]) if grads else (got[1], want[1])
     real = valid[:, :, None, None] & np.ones((1, 1, H, D), bool)
     np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real],
-                               atol=2e-5, rtol=1e-5)
+                               atol=1e-6, rtol=0)
     if grads:
         for g, w in zip(got[1], want[1]):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 
 
 def test_splash_asked_for_where_it_cannot_run_names_the_reason(splash):
@@ -313,7 +314,8 @@ def test_splash_asked_for_where_it_cannot_run_names_the_reason(splash):
 
 def test_auto_on_a_tpu_picks_splash_where_it_applies(monkeypatch):
     """``auto`` with the backend saying tpu: causal self-attention goes to the splash kernel,
-    the rest to xla silently; several devices fall back with one warning."""
+    the rest to xla silently; several devices without a mesh are refused by the kernel and
+    fall back to xla with one warning."""
     calls = []
     real = A._splash_attention
 
@@ -328,7 +330,7 @@ def test_auto_on_a_tpu_picks_splash_where_it_applies(monkeypatch):
     monkeypatch.setattr(A, "_splash_attention", recorded)
     monkeypatch.setattr(A, "_warned", set())
     q, k, v, *_ = random_case(11, T=128, S=128, D=16)
-    mask, valid = _padded_causal(128)
+    mask, valid = _padded_causal(128, window=7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = A.dot_product_attention(q, k, v, mask, scale=0.4, causal=True, window=7)
@@ -337,16 +339,22 @@ def test_auto_on_a_tpu_picks_splash_where_it_applies(monkeypatch):
         A.dot_product_attention(q[:, :96], k[:, :96], v[:, :96], mask[:, :96, :96], scale=0.4,
                                 causal=True)  # 96 tokens: xla, no warning
         assert len(calls) == 1
-    monkeypatch.setattr(A.jax, "device_count", lambda: 8)
-    with pytest.warns(UserWarning, match="several devices"):
-        A.dot_product_attention(q, k, v, mask, scale=0.4, causal=True)
-    assert len(calls) == 1
+    monkeypatch.setattr(A.jax, "device_count", lambda: 8)  # and no mesh set: refused
+    with pytest.warns(UserWarning, match="splash refused it: there are several devices"):
+        fallback = A.dot_product_attention(q, k, v, mask, scale=0.4, causal=True, window=7)
+    A.set_attention_implementation("xla")
+    want = A.dot_product_attention(q, k, v, mask, scale=0.4, causal=True, window=7)
+    np.testing.assert_array_equal(np.asarray(fallback), np.asarray(want))
+    real = np.asarray(valid)[:, :, None, None] & np.ones(got.shape, bool)
+    # (measured: 1.4e-6 at most; scale 0.4 gives larger scores than the other tests')
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=5e-6,
+                               rtol=0)
 
 
 def test_splash_in_a_model_with_windows_and_softcap(splash, tiny_dir):
     """Gemma 2 (sliding-window and global layers, soft-capping, GQA) with the splash kernel
     gives the xla path's logits on every real token, with left padding: the window reaches
-    the kernel from the model."""
+    the kernel from the model (measured: 3.5e-6 on logits of size ~3)."""
     model = from_pretrained(tiny_dir("gemma2"), progress=False)
     rs = np.random.RandomState(12)
     ids = jnp.asarray(rs.randint(1, 160, (2, 128)), jnp.int32)
@@ -355,14 +363,15 @@ def test_splash_in_a_model_with_windows_and_softcap(splash, tiny_dir):
     A.set_attention_implementation("xla")
     want = model(ids, attention_mask=attn).logits
     real = np.asarray(attn, bool)
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5,
+                               rtol=0)
 
 
 def _splash_on_eight_devices():
     """(In a process with 8 CPU devices.) The splash kernel under shard_map over a data 2 x
     fsdp 2 x tensor 2 mesh set while tracing (batch over data and fsdp, heads over tensor)
-    equals the xla path, values and gradients; without a mesh it names the fix."""
+    equals the xla path, values and gradients (measured: loss 1e-7 relative, gradients within
+    2.4e-6); without a mesh it names the fix."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from peftjax.train import MeshConfig, make_mesh
@@ -387,9 +396,9 @@ def _splash_on_eight_devices():
     (got, got_grads), text = run("splash")
     (want, want_grads), xla_text = run("xla")
     assert "manual" in text and "manual" not in xla_text  # the kernel ran under shard_map
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     for g, w in zip(got_grads, want_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
     A.set_attention_implementation("splash")
     with pytest.raises(ValueError, match="no mesh is set while the call is traced"):
         jax.jit(lambda q: A.dot_product_attention(q, k, v, mask, scale=0.3, causal=True))(q)

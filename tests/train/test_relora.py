@@ -235,15 +235,21 @@ def test_relora_with_scanned_blocks_holds_the_weights_stacked(tiny_bert, tmp_pat
                        "restart_warmup_steps": 2})
         runs[scan] = (cfg_path, out, run_training(load_config(cfg_path), **quiet))
     (_, plain, plain_summary), (cfg_path, out, summary) = runs[False], runs[True]
+
+    def validation_at_five(run_dir):
+        return [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
+                if r.get("split") == "validation" and r["step"] == 5]
     # every frozen leaf of the 2 encoder blocks (the adapted kernels too: LoRA's base)
     assert ("scan_layers: 16 frozen weights held stacked over 2 scanned blocks"
             in capsys.readouterr().out)
-    assert summary["steps"] == 10 and summary["best"]["step"] in (5, 10)
+    assert summary["steps"] == 10
+    # the evaluation inside the run (on a per-block copy of the stacked weights)
+    (scanned_eval,), (plain_eval,) = validation_at_five(out), validation_at_five(plain)
+    assert scanned_eval["loss"] == pytest.approx(plain_eval["loss"], rel=1e-5)
     x, y = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (plain, out))
     assert sorted(x) == sorted(y)
-    for k in x:
+    for k in x:  # (measured: 1.3e-6 relative at most)
         np.testing.assert_allclose(y[k], x[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    assert summary["test"]["accuracy"] == pytest.approx(plain_summary["test"]["accuracy"],
-                                                        abs=1 / 64)
+    assert summary["test"]["accuracy"] == plain_summary["test"]["accuracy"]
     _, copy = _resume_from_six(tmp_path, cfg_path, out)
     _same_files(out, copy)
